@@ -1,0 +1,166 @@
+"""The model's configuration: one frozen dataclass, validated once when it is built.
+
+Every invalid combination raises :class:`ConfigError` with one line naming the bad value and
+what is allowed, so a mistyped experiment fails before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ARCHS = ("encoder", "decoder", "encoder_decoder")
+NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "none")
+RESIDUALS = (
+    "post", "pre", "sandwich", "peri", "deepnorm", "subln", "b2t", "rezero", "admin", "mixln",
+    "lnscale",
+)
+INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+ACTIVATIONS = ("gelu", "relu")
+POSITIONS = ("sinusoidal", "learned")
+DTYPES = ("float32", "bfloat16")
+
+# The schemes that leave an un-normalized residual stream and so need a norm after the stack.
+FINAL_NORM_RESIDUALS = frozenset({"pre", "sandwich", "peri", "subln", "mixln", "lnscale"})
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names it and the allowed values."""
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"model.{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"model.{name}={value!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape, normalization, residual placement and initialization of a Transformer.
+
+    Normalization is three orthogonal choices: the norm function (``norm``), where it sits
+    around the residual (``residual``), and how the weights are initialized (``init``;
+    ``"auto"`` picks DeepNorm's derived init for ``residual="deepnorm"``, Magneto's for
+    ``"subln"``, and Xavier otherwise).
+    """
+
+    arch: str = "decoder"  # encoder | decoder | encoder_decoder
+    vocab_size: int = 260  # the byte-level default vocabulary (deepnorm.data.tokenizer)
+    num_layers: int = 0  # layers of an encoder-only or decoder-only model
+    num_encoder_layers: int = 0  # N, encoder_decoder only
+    num_decoder_layers: int = 0  # M, encoder_decoder only
+    d_model: int = 512
+    num_heads: int = 8
+    d_ff: int = 2048
+    norm: str = "layernorm"
+    residual: str = "pre"
+    init: str = "auto"
+    mixln_fraction: float = 0.25  # Mix-LN: share of layers (from the bottom) that are Post-LN
+    dropout_rate: float = 0.0  # on embeddings and on every branch output before its add
+    activation: str = "gelu"
+    positions: str = "sinusoidal"
+    max_len: int = 2048  # only bounds learned position embeddings
+    tie_embeddings: bool = True  # output head shares the token embedding
+    use_bias: bool = True
+    norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype; parameters and norm statistics stay float32
+    remat_policy: str = "full"  # what jax.checkpoint keeps per layer: none|full|save_dots|...
+    scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
+    attention_impl: str | None = None  # jax.nn.dot_product_attention: None (auto), xla, cudnn
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, ARCHS)
+        _choice("norm", self.norm, NORMS)
+        _choice("residual", self.residual, RESIDUALS)
+        _choice("init", self.init, INITS)
+        _choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("positions", self.positions, POSITIONS)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ConfigError(
+                f"model.attention_impl={self.attention_impl!r} is not one of None, xla, cudnn")
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+            _positive(name, getattr(self, name))
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                f"{self.num_heads}")
+        self._check_layer_counts()
+        if not 0.0 <= self.mixln_fraction <= 1.0:
+            raise ConfigError(f"model.mixln_fraction={self.mixln_fraction!r} must be in [0, 1]")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ConfigError(f"model.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"model.norm_eps={self.norm_eps!r} must be positive")
+        if self.residual == "rezero" and self.norm != "none":
+            raise ConfigError(
+                f"model.residual='rezero' uses no normalization but model.norm={self.norm!r}; "
+                "set model.norm='none'")
+        if self.residual != "rezero" and self.norm == "none" and self.residual != "post":
+            raise ConfigError(
+                f"model.norm='none' only makes sense with residual 'post' (x + F(x), e.g. for "
+                f"T-Fixup) or 'rezero', not {self.residual!r}")
+
+    def _check_layer_counts(self) -> None:
+        if self.arch == "encoder_decoder":
+            _positive("num_encoder_layers", self.num_encoder_layers)
+            _positive("num_decoder_layers", self.num_decoder_layers)
+            if self.num_layers:
+                raise ConfigError(
+                    f"model.num_layers={self.num_layers} is not used by arch='encoder_decoder'; "
+                    "set model.num_encoder_layers and model.num_decoder_layers instead")
+            return
+        _positive("num_layers", self.num_layers)
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            if getattr(self, name):
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)} is not used by arch={self.arch!r}; "
+                    "set model.num_layers instead")
+
+    # Derived quantities -------------------------------------------------------------------
+
+    @property
+    def encoder_layers(self) -> int:
+        """N in the DeepNet paper: the number of encoder layers (0 if there is no encoder)."""
+        if self.arch == "encoder_decoder":
+            return self.num_encoder_layers
+        return self.num_layers if self.arch == "encoder" else 0
+
+    @property
+    def decoder_layers(self) -> int:
+        """M in the DeepNet paper: the number of decoder layers (0 if there is no decoder)."""
+        if self.arch == "encoder_decoder":
+            return self.num_decoder_layers
+        return self.num_layers if self.arch == "decoder" else 0
+
+    @property
+    def total_layers(self) -> int:
+        return self.encoder_layers + self.decoder_layers
+
+    @property
+    def resolved_init(self) -> str:
+        """The init actually used: ``"auto"`` follows the residual scheme's own paper."""
+        if self.init != "auto":
+            return self.init
+        return {"deepnorm": "deepnorm", "subln": "subln"}.get(self.residual, "xavier")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "TransformerConfig":
+        """Builds from a ConfigDict / dict, naming any key the model does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config key(s) {', '.join(unknown)}; known keys: "
+                f"{', '.join(sorted(known))}")
+        return cls(**dict(values))

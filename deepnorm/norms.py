@@ -1,0 +1,114 @@
+"""Normalization functions, one small NNX module each (``model.norm``).
+
+All of them compute their statistics in float32 whatever the activation dtype, because a
+bfloat16 mean of squares over d_model elements loses the precision that makes very deep
+residual streams stable; the result is cast back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """y = g * (x - mean(x)) / sqrt(var(x) + eps) + b (Ba, Kiros, Hinton 2016)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init; the argument keeps every norm's signature the same
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _f32(x)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        y = (h - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = g * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _f32(x)
+        ms = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
+        return (h * jax.lax.rsqrt(ms + self.eps) * self.scale[...]).astype(x.dtype)
+
+
+class ScaleNorm(nnx.Module):
+    """y = g * x / max(||x||_2, eps), one scalar g initialised to sqrt(d) (Nguyen & Salazar 2019).
+
+    With g = sqrt(d) the output has unit RMS at initialization, like LayerNorm's.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.full((), math.sqrt(dim), jnp.float32), axes=())
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _f32(x)
+        norm = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1, keepdims=True))
+        return (self.scale[...] * h / jnp.maximum(norm, self.eps)).astype(x.dtype)
+
+
+class DyT(nnx.Module):
+    """Dynamic Tanh: y = gamma * tanh(alpha * x) + beta, scalar alpha initialised to 0.5.
+
+    Zhu et al. 2025, "Transformers without Normalization": an element-wise stand-in for LN
+    with no statistics at all.
+    """
+
+    def __init__(self, dim: int, *, alpha_init: float = 0.5, eps: float = 0.0,
+                 rngs: nnx.Rngs | None = None):
+        del rngs, eps  # DyT has no epsilon; accepted so every norm builds the same way
+        self.alpha = nnx.Param(jnp.full((), alpha_init, jnp.float32), axes=())
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.tanh(self.alpha[...] * _f32(x))
+        return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Identity(nnx.Module):
+    """``norm="none"``: no normalization (T-Fixup, ReZero, plain residual stacks)."""
+
+    def __init__(self, dim: int, *, eps: float = 0.0, rngs: nnx.Rngs | None = None):
+        del dim, eps, rngs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+NORM_CLASSES = {
+    "layernorm": LayerNorm,
+    "rmsnorm": RMSNorm,
+    "scalenorm": ScaleNorm,
+    "dyt": DyT,
+    "none": Identity,
+}
+
+
+def make_norm(kind: str, dim: int, *, eps: float = 1e-5) -> nnx.Module:
+    """The norm named by ``model.norm``; unknown names are a one-line error."""
+    try:
+        cls = NORM_CLASSES[kind]
+    except KeyError:
+        raise ValueError(
+            f"norm {kind!r} is not one of {', '.join(NORM_CLASSES)}") from None
+    return cls(dim, eps=eps)

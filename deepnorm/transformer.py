@@ -1,0 +1,256 @@
+"""Block, the scanned Stack, and the Transformer for all three architectures.
+
+Depth is an array axis: a stack's L blocks are created at once (``nnx.vmap`` over split RNGs,
+so every parameter has a leading layer axis) and run with one ``jax.lax.scan`` wrapped in
+``jax.checkpoint``; compile time does not grow with depth. What depends on the layer index
+(DeepNorm's alpha, Mix-LN's switch, LayerNorm-Scaling's 1/sqrt(l)) is an array scanned with
+the weights. Every block also returns residual-stream statistics, so the analysis code needs
+no second model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepnorm import residual as residual_lib
+from deepnorm.config import FINAL_NORM_RESIDUALS, TransformerConfig
+from deepnorm.initializers import layer_constants, layer_gain, role_gains
+from deepnorm.layers import Attention, Dense, FeedForward
+from deepnorm.norms import make_norm
+
+PAD_ID = 0  # the token id that marks padding in encoder inputs (deepnorm.data.tokenizer)
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute it all on the backward pass
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Per-sublayer statistics every block returns (each a mean over batch and positions).
+STAT_NAMES = ("stream_in_norm", "branch_norm", "branch_var", "stream_out_norm")
+
+
+def _token_norm(x: jax.Array) -> jax.Array:
+    """Mean over batch and positions of the L2 norm over d_model, in float32."""
+    return jnp.mean(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One layer: self-attention, cross-attention (decoder of encoder_decoder), feed-forward.
+
+    Each sublayer joins the residual stream by ``cfg.residual`` (see ``deepnorm.residual``).
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, cross: bool, gains: dict,
+                 layer_index: jax.Array, rngs: nnx.Rngs):
+        self.residual, self.dropout_rate = cfg.residual, cfg.dropout_rate
+        scaled = {role: g * layer_gain(cfg, layer_index) for role, g in gains.items()}
+        inner = cfg.residual == "subln"
+        self.sublayer_names = ("self_attn", "cross_attn", "ffn") if cross else ("self_attn", "ffn")
+        self.self_attn = Attention(cfg, scaled, inner_norm=inner, rngs=rngs)
+        self.cross_attn = Attention(cfg, scaled, inner_norm=inner, rngs=rngs) if cross else None
+        self.ffn = FeedForward(cfg, scaled, inner_norm=inner, rngs=rngs)
+        d = cfg.d_model
+        for name in self.sublayer_names:
+            has_norm = cfg.residual != "rezero"
+            two_norms = cfg.residual in ("sandwich", "peri")
+            setattr(self, f"{name}_norm",
+                    make_norm(cfg.norm, d, eps=cfg.norm_eps) if has_norm else None)
+            setattr(self, f"{name}_norm_out",
+                    make_norm(cfg.norm, d, eps=cfg.norm_eps) if two_norms else None)
+            setattr(self, f"{name}_gate",
+                    nnx.Param(jnp.zeros((), jnp.float32), axes=())
+                    if cfg.residual == "rezero" else None)
+            setattr(self, f"{name}_omega",
+                    nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
+                    if cfg.residual == "admin" else None)
+
+    def _sublayers(self, context, self_mask, cross_mask, causal, dropout_key, records):
+        branches = {
+            "self_attn": lambda h: self.self_attn(h, mask_Bx1xTxS=self_mask, causal=causal),
+            "cross_attn": lambda h: self.cross_attn(h, context, mask_Bx1xTxS=cross_mask),
+            "ffn": self.ffn,
+        }
+        out = []
+        for i, name in enumerate(self.sublayer_names):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+
+            def f(h, branch=branches[name], key=key):
+                y = _dropout(branch(h), self.dropout_rate, key)
+                records.append(y)
+                return y
+
+            gate = getattr(self, f"{name}_gate")
+            omega = getattr(self, f"{name}_omega")
+            norm = getattr(self, f"{name}_norm")
+            out.append(residual_lib.Sublayer(
+                f=f, ln=(lambda h: h) if norm is None else norm,
+                ln_out=getattr(self, f"{name}_norm_out"),
+                gate=None if gate is None else gate[...],
+                omega=None if omega is None else omega[...]))
+        return out
+
+    def __call__(self, x_BxTxD, consts, *, context_BxSxD=None, self_mask=None, cross_mask=None,
+                 causal=False, dropout_key=None):
+        """Returns the new residual stream and a dict of per-sublayer statistics, each [S]."""
+        branch_outputs: list[jax.Array] = []
+        sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal, dropout_key,
+                                    branch_outputs)
+        states = residual_lib.apply_layer(self.residual, x_BxTxD, sublayers, consts)
+        inputs = [x_BxTxD] + states[:-1]
+        stats = {
+            "stream_in_norm": jnp.stack([_token_norm(s) for s in inputs]),
+            "branch_norm": jnp.stack([_token_norm(y) for y in branch_outputs]),
+            "branch_var": jnp.stack([jnp.var(y.astype(jnp.float32)) for y in branch_outputs]),
+            "stream_out_norm": jnp.stack([_token_norm(s) for s in states]),
+        }
+        return states[-1], stats
+
+
+class Stack(nnx.Module):
+    """L identical blocks with stacked parameters, run by one scan (or unrolled, for anchors)."""
+
+    def __init__(self, cfg: TransformerConfig, name: str, *, rngs: nnx.Rngs):
+        self.config, self.name = cfg, name
+        self.num_layers = cfg.encoder_layers if name == "encoder" else cfg.decoder_layers
+        cross = name == "decoder" and cfg.arch == "encoder_decoder"
+        gains = role_gains(cfg, name)
+
+        @nnx.split_rngs(splits=self.num_layers)
+        @nnx.vmap(in_axes=(0, 0), out_axes=0)
+        def make_layers(rngs, layer_index):
+            return Block(cfg, cross=cross, gains=gains, layer_index=layer_index, rngs=rngs)
+
+        self.layers = make_layers(rngs, jnp.arange(1, self.num_layers + 1, dtype=jnp.float32))
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
+        self.input_norm = norm() if cfg.residual == "peri" else None
+        self.final_norm = norm() if cfg.residual in FINAL_NORM_RESIDUALS else None
+
+    def __call__(self, x_BxTxD, *, context_BxSxD=None, self_mask=None, cross_mask=None,
+                 causal=False, dropout_key=None):
+        """Returns the stack's output and statistics with a leading layer axis, each [L, S]."""
+        cfg = self.config
+        if self.input_norm is not None:
+            x_BxTxD = self.input_norm(x_BxTxD)
+        graphdef, layer_state = nnx.split(self.layers)
+        consts = layer_constants(cfg, self.name, self.num_layers)
+        keys = (None if dropout_key is None
+                else jax.random.split(dropout_key, self.num_layers))
+
+        def body(x, xs):
+            state, c, key = xs
+            block = nnx.merge(graphdef, state)
+            return block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
+                         cross_mask=cross_mask, causal=causal, dropout_key=key)
+
+        if cfg.remat_policy != "none":
+            # prevent_cse=False: inside a scan the loop boundary already stops XLA from merging
+            # the recomputation back into the forward pass, and CSE barriers cost speed.
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy],
+                                  prevent_cse=False)
+        xs = (layer_state, consts, keys)
+        if cfg.scan_layers:
+            x, stats = jax.lax.scan(body, x_BxTxD, xs)
+        else:
+            x, per_layer = x_BxTxD, []
+            for i in range(self.num_layers):
+                x, s = body(x, jax.tree.map(lambda a: a[i], xs))
+                per_layer.append(s)
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, stats
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+    """The fixed sin/cos position encoding of Vaswani et al. 2017, [length, dim]."""
+    pos = np.arange(length)[:, None]
+    inv = np.exp(-math.log(10000.0) * np.arange(0, dim, 2) / dim)
+    table = np.zeros((length, dim), np.float32)
+    table[:, 0::2] = np.sin(pos * inv)
+    table[:, 1::2] = np.cos(pos * inv)[:, : dim // 2]
+    return table
+
+
+class Transformer(nnx.Module):
+    """Encoder-only (masked LM), decoder-only (causal LM) or encoder-decoder (seq2seq).
+
+    ``model(inputs)`` for encoder / decoder, ``model(inputs, decoder_inputs)`` for
+    encoder_decoder. Returns ``(logits, aux)``: float32 logits [B, T, vocab] and
+    ``aux[stack][stat]`` with per-layer, per-sublayer statistics [L, S] plus
+    ``aux[stack]["input_var"]``, the variance of the stream entering the stack.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        d = cfg.d_model
+        # N(0, 1/d) scaled by sqrt(d) on lookup: unit-variance inputs whatever the width.
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, d)) * d ** -0.5,
+                               axes=("vocab", "embed"))
+        self.pos_embed = (nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.max_len, d)),
+                                    axes=(None, "embed"))
+                          if cfg.positions == "learned" else None)
+        self.encoder = Stack(cfg, "encoder", rngs=rngs) if cfg.encoder_layers else None
+        self.decoder = Stack(cfg, "decoder", rngs=rngs) if cfg.decoder_layers else None
+        self.head = (None if cfg.tie_embeddings else
+                     Dense(d, cfg.vocab_size, gain=1.0, axes=("embed", "vocab"), use_bias=False,
+                           dtype=jnp.dtype(cfg.dtype), rngs=rngs))
+
+    def _embed(self, tokens_BxT, key):
+        cfg = self.config
+        t = tokens_BxT.shape[1]
+        if cfg.positions == "learned" and t > cfg.max_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_len={cfg.max_len}")
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0) * math.sqrt(cfg.d_model)
+        pos = (self.pos_embed[:t] if self.pos_embed is not None
+               else sinusoidal_positions(t, cfg.d_model))
+        x = x + pos[None]
+        return _dropout(x, cfg.dropout_rate, key).astype(jnp.dtype(cfg.dtype))
+
+    def _logits(self, x_BxTxD):
+        if self.head is not None:
+            return self.head(x_BxTxD).astype(jnp.float32)
+        return jnp.dot(x_BxTxD.astype(jnp.float32), self.embed[...].T)
+
+    def __call__(self, inputs_BxT, decoder_inputs_BxT=None, *, deterministic: bool = True,
+                 dropout_key: jax.Array | None = None):
+        cfg = self.config
+        if (decoder_inputs_BxT is None) != (cfg.arch != "encoder_decoder"):
+            raise ValueError(
+                f"arch={cfg.arch!r} takes {'inputs and decoder_inputs' if cfg.arch == 'encoder_decoder' else 'inputs only'}")
+        if not deterministic and cfg.dropout_rate > 0 and dropout_key is None:
+            raise ValueError("deterministic=False with dropout_rate > 0 needs a dropout_key")
+        keys = (jax.random.split(dropout_key, 4) if (not deterministic and dropout_key is not None)
+                else [None] * 4)
+        aux = {}
+        if cfg.arch == "decoder":
+            x = self._embed(inputs_BxT, keys[0])
+            aux_in = jnp.var(x.astype(jnp.float32))
+            x, aux["decoder"] = self.decoder(x, causal=True, dropout_key=keys[1])
+            aux["decoder"]["input_var"] = aux_in
+            return self._logits(x), aux
+        pad_mask_Bx1x1xS = (inputs_BxT != PAD_ID)[:, None, None, :]
+        x = self._embed(inputs_BxT, keys[0])
+        aux_in = jnp.var(x.astype(jnp.float32))
+        enc, aux["encoder"] = self.encoder(x, self_mask=pad_mask_Bx1x1xS, dropout_key=keys[1])
+        aux["encoder"]["input_var"] = aux_in
+        if cfg.arch == "encoder":
+            return self._logits(enc), aux
+        y = self._embed(decoder_inputs_BxT, keys[2])
+        aux_in = jnp.var(y.astype(jnp.float32))
+        y, aux["decoder"] = self.decoder(y, context_BxSxD=enc, cross_mask=pad_mask_Bx1x1xS,
+                                         causal=True, dropout_key=keys[3])
+        aux["decoder"]["input_var"] = aux_in
+        return self._logits(y), aux
