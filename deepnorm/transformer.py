@@ -217,7 +217,9 @@ class Transformer(nnx.Module):
         pos = (self.pos_embed[:t] if self.pos_embed is not None
                else sinusoidal_positions(t, cfg.d_model))
         x = x + pos[None]
-        return _dropout(x, cfg.dropout_rate, key).astype(jnp.dtype(cfg.dtype))
+        # The residual stream stays float32 even with dtype=bfloat16: only matmul inputs are
+        # cast (deepnorm.layers.Dense), so a 1,000-term sum of branch outputs keeps its precision.
+        return _dropout(x, cfg.dropout_rate, key).astype(jnp.float32)
 
     def _logits(self, x_BxTxD):
         if self.head is not None:
