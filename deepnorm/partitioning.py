@@ -18,7 +18,7 @@ def logical_axes(state: nnx.State):
 
     def axes_of(variable):
         names = tuple(variable.get_metadata().get("axes", ()))
-        extra = variable.value.ndim - len(names)
+        extra = variable.get_value().ndim - len(names)
         if extra == 1:
             names = ("layers",) + names
         elif extra:

@@ -36,6 +36,6 @@ def admin_initialize(model: Transformer, inputs, decoder_inputs=None) -> dict[st
         layers = getattr(model, stack_name).layers
         for s, name in enumerate(layers.sublayer_names):
             param = getattr(layers, f"{name}_omega")
-            param.value = jnp.broadcast_to(omega_LxS[:, s, None], param.value.shape)
+            param.set_value(jnp.broadcast_to(omega_LxS[:, s, None], param[...].shape))
         omegas[stack_name] = omega_LxS
     return omegas

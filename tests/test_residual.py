@@ -1,0 +1,295 @@
+"""Each residual scheme (``model.residual``) against its one-line definition.
+
+Every test recomputes the scheme's equation by hand from the block's own submodules (its
+attention, feed-forward and norms, sliced out of the stacked layers) and compares with what
+the scanned Stack computes. Definitions (see deepnorm/residual.py for the papers):
+
+  post      x <- LN(x + F(x))
+  pre       x <- x + F(LN(x)), final LN after the stack
+  sandwich  x <- x + LN_out(F(LN(x))), final LN
+  peri      x <- x + LN_out(F(LN_in(x))), LN on the embedding output, final LN
+  deepnorm  x <- LN(alpha * x + F(x))
+  subln     x <- x + F(LN(x)) with LN inside F (before attn out-proj, after FFN activation)
+  b2t       h = LN(x + Attn(x)); x <- LN(h + FFN(h) + x)
+  rezero    x <- x + a * F(x), a = 0 at init
+  admin     x <- LN(omega * x + F(x)), omega from the profiling pass
+  mixln     post in the first round(frac * L) layers, pre after, final LN
+  lnscale   x <- x + F(LN(x) / sqrt(l)), final LN
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepnorm import Transformer, TransformerConfig
+from deepnorm.profiling import admin_initialize
+
+D, HEADS, FF, VOCAB = 16, 2, 32, 30
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def make_model(residual, num_layers=4, arch="encoder", seed=0, **kw):
+    layers = (dict(num_encoder_layers=num_layers, num_decoder_layers=num_layers)
+              if arch == "encoder_decoder" else dict(num_layers=num_layers))
+    cfg = TransformerConfig(arch=arch, d_model=D, num_heads=HEADS, d_ff=FF, vocab_size=VOCAB,
+                            norm="none" if residual == "rezero" else "layernorm",
+                            residual=residual, remat_policy="none", **layers, **kw)
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def block_at(stack, i):
+    """Layer i of a stack as an ordinary Block (its slice of the stacked parameters)."""
+    graphdef, state = nnx.split(stack.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def randomize_norms(stack, seed=0):
+    """Moves every norm's scale/bias off (1, 0), so that a norm in the wrong place shows."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param) and path and path[-1] in ("scale", "bias") and any(
+                "norm" in str(p) for p in path):
+            var.set_value(jnp.asarray(rng.normal(1.0 if path[-1] == "scale" else 0.0, 0.2,
+                                                 var[...].shape), jnp.float32))
+
+
+def random_stream(seed=0, t=5):
+    return jnp.asarray(np.random.default_rng(seed).normal(0, 1.0, (2, t, D)), jnp.float32)
+
+
+def branches(blk, causal=False, context=None):
+    """The layer's branches F, in sublayer order, with their norms (name -> (F, LN, LN_out))."""
+    out = [("self_attn", lambda h: blk.self_attn(h, causal=causal))]
+    if blk.cross_attn is not None:
+        out.append(("cross_attn", lambda h: blk.cross_attn(h, context)))
+    out.append(("ffn", blk.ffn))
+    return [(name, f, getattr(blk, f"{name}_norm"), getattr(blk, f"{name}_norm_out"))
+            for name, f in out]
+
+
+def reference_layer(scheme, blk, x, *, layer, num_layers, alpha=1.0, mix_post=0, causal=False,
+                    context=None):
+    """The scheme's one-line equation, applied sublayer by sublayer with the block's modules."""
+    x_in = x
+    subs = branches(blk, causal, context)
+    for k, (name, f, ln, ln_out) in enumerate(subs):
+        if scheme == "post":
+            x = ln(x + f(x))
+        elif scheme in ("pre", "subln"):
+            x = x + f(ln(x))
+        elif scheme in ("sandwich", "peri"):
+            x = x + ln_out(f(ln(x)))
+        elif scheme == "deepnorm":
+            x = ln(alpha * x + f(x))
+        elif scheme == "admin":
+            x = ln(getattr(blk, f"{name}_omega")[...] * x + f(x))
+        elif scheme == "rezero":
+            x = x + getattr(blk, f"{name}_gate")[...] * f(x)
+        elif scheme == "mixln":
+            x = ln(x + f(x)) if layer <= mix_post else x + f(ln(x))
+        elif scheme == "lnscale":
+            x = x + f(ln(x) / np.sqrt(layer))
+        elif scheme == "b2t":
+            x = ln(x + f(x) + x_in) if k == len(subs) - 1 else ln(x + f(x))
+        else:
+            raise AssertionError(scheme)
+    return x
+
+
+def reference_stack(scheme, stack, x, **kw):
+    if stack.input_norm is not None:
+        x = stack.input_norm(x)
+    for i in range(stack.num_layers):
+        x = reference_layer(scheme, block_at(stack, i), x, layer=i + 1,
+                            num_layers=stack.num_layers, **kw)
+    if stack.final_norm is not None:
+        x = stack.final_norm(x)
+    return x
+
+
+# Which schemes end the stack with a norm and which normalize the embedding output.
+FINAL_NORM = {"pre", "sandwich", "peri", "subln", "mixln", "lnscale"}
+
+
+@pytest.mark.parametrize("scheme", ["post", "pre", "sandwich", "peri", "deepnorm", "b2t",
+                                    "lnscale"])
+def test_stack_computes_the_scheme_equation(scheme):
+    model = make_model(scheme)
+    stack = model.encoder
+    randomize_norms(stack)
+    x = random_stream()
+    alpha = (2 * 4) ** 0.25 if scheme == "deepnorm" else 1.0  # DeepNet: encoder (2N)^(1/4)
+    got, _ = stack(x)
+    np.testing.assert_allclose(got, reference_stack(scheme, stack, x, alpha=alpha), **TOL)
+    assert (stack.final_norm is not None) == (scheme in FINAL_NORM)
+    assert (stack.input_norm is not None) == (scheme == "peri")
+
+
+@pytest.mark.parametrize("scheme", ["post", "pre", "deepnorm", "b2t", "sandwich"])
+def test_encoder_decoder_decoder_layer_with_cross_attention(scheme):
+    """Three sublayers (self, cross, ffn) per decoder layer; DeepNet's decoder alpha (3M)^(1/4)."""
+    model = make_model(scheme, num_layers=2, arch="encoder_decoder")
+    randomize_norms(model.decoder, seed=3)
+    y, context = random_stream(1, t=4), random_stream(2, t=6)
+    got, stats = model.decoder(y, context_BxSxD=context, causal=True)
+    alpha = (3 * 2) ** 0.25 if scheme == "deepnorm" else 1.0
+    want = reference_stack(scheme, model.decoder, y, alpha=alpha, causal=True, context=context)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert stats["stream_out_norm"].shape == (2, 3)
+
+
+def test_deepnorm_block_equals_ln_of_alpha_x_plus_attention():
+    """The block-level statement of DeepNorm on its first sublayer: LN(alpha*x + Attn(x))."""
+    model = make_model("deepnorm", num_layers=6)
+    blk = block_at(model.encoder, 0)
+    x = random_stream(4)
+    alpha = (2 * 6) ** 0.25
+    consts = {"alpha": jnp.float32(alpha), "lnscale": jnp.float32(1), "is_post": False,
+              "layer": jnp.float32(1)}
+    _, stats = blk(x, consts)
+    h = blk.self_attn_norm(alpha * x + blk.self_attn(x))
+    np.testing.assert_allclose(stats["stream_out_norm"][0],
+                               jnp.mean(jnp.linalg.norm(h, axis=-1)), rtol=1e-5)
+    out, _ = blk(x, consts)
+    np.testing.assert_allclose(out, blk.ffn_norm(alpha * h + blk.ffn(h)), **TOL)
+
+
+def _manual_attention(attn, x, inner_norm):
+    """Multi-head attention from the raw kernels, with SubLN's norm before the out-projection."""
+    def proj(dense, h):
+        return h @ dense.kernel[...] + dense.bias[...]
+
+    b, t, _ = x.shape
+    split = lambda a: a.reshape(b, t, HEADS, D // HEADS)  # noqa: E731
+    q, k, v = split(proj(attn.query, x)), split(proj(attn.key, x)), split(proj(attn.value, x))
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D // HEADS)
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, D)
+    return proj(attn.out, inner_norm(o))
+
+
+def _manual_ffn(ffn, x, inner_norm):
+    h = jax.nn.gelu(x @ ffn.ffn_in.kernel[...] + ffn.ffn_in.bias[...])
+    return inner_norm(h) @ ffn.ffn_out.kernel[...] + ffn.ffn_out.bias[...]
+
+
+def test_subln_inner_norms_sit_before_out_projection_and_after_activation():
+    model = make_model("subln", num_layers=2)
+    stack = model.encoder
+    randomize_norms(stack, seed=5)
+    x0 = random_stream(6)
+    x = x0
+    for i in range(2):
+        blk = block_at(stack, i)
+        assert blk.self_attn.inner_norm is not None and blk.ffn.inner_norm is not None
+        x = x + _manual_attention(blk.self_attn, blk.self_attn_norm(x), blk.self_attn.inner_norm)
+        x = x + _manual_ffn(blk.ffn, blk.ffn_norm(x), blk.ffn.inner_norm)
+    got, _ = stack(x0)
+    np.testing.assert_allclose(got, stack.final_norm(x), rtol=1e-4, atol=1e-4)
+    # Every other scheme has no inner norm.
+    pre = block_at(make_model("pre", num_layers=1).encoder, 0)
+    assert pre.self_attn.inner_norm is None and pre.ffn.inner_norm is None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_mixln_is_post_in_the_first_layers_and_pre_after(fraction):
+    model = make_model("mixln", num_layers=4, mixln_fraction=fraction)
+    stack = model.encoder
+    randomize_norms(stack, seed=7)
+    x = random_stream(8)
+    got, _ = stack(x)
+    want = reference_stack("mixln", stack, x, mix_post=round(fraction * 4))
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("layer", [1, 4])
+def test_lnscale_scales_the_norm_output_by_inverse_sqrt_layer(layer):
+    model = make_model("lnscale", num_layers=4)
+    blk = block_at(model.encoder, layer - 1)
+    x = random_stream(9)
+    consts = {"alpha": jnp.float32(1), "lnscale": jnp.float32(layer ** -0.5),
+              "is_post": False, "layer": jnp.float32(layer)}
+    from deepnorm.initializers import layer_constants
+    scanned = layer_constants(model.config, "encoder", 4)
+    np.testing.assert_allclose(scanned["lnscale"][layer - 1], layer ** -0.5, rtol=1e-7)
+    got, _ = blk(x, consts)
+    h = x + blk.self_attn(blk.self_attn_norm(x) / np.sqrt(layer))
+    np.testing.assert_allclose(got, h + blk.ffn(blk.ffn_norm(h) / np.sqrt(layer)), **TOL)
+
+
+def test_rezero_is_identity_at_init_then_x_plus_a_f():
+    model = make_model("rezero", num_layers=3)
+    stack = model.encoder
+    x = random_stream(10)
+    got, _ = stack(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
+    assert stack.final_norm is None and stack.layers.self_attn_norm is None
+    stack.layers.self_attn_gate.set_value(jnp.asarray([0.3, -0.2, 0.5], jnp.float32))
+    stack.layers.ffn_gate.set_value(jnp.asarray([0.1, 0.4, -0.6], jnp.float32))
+    got, _ = stack(x)
+    np.testing.assert_allclose(got, reference_stack("rezero", stack, x), **TOL)
+    assert not np.allclose(got, x)
+
+
+def _admin_reference_omegas(model, tokens):
+    """Admin's profiling pass by hand: run the Post-LN stack with omega = 1, record each
+    branch output's variance; omega_i = sqrt(Var[embedding] + sum_{j<i} Var[f_j])."""
+    stack = model.encoder
+    x = model._embed(tokens, None)
+    total, omegas = float(jnp.var(x)), []
+    for i in range(stack.num_layers):
+        blk = block_at(stack, i)
+        row = []
+        for name, f, ln, _ in branches(blk):
+            row.append(np.sqrt(total))
+            y = f(x)
+            total += float(jnp.var(y))
+            x = ln(x + y)  # omega = 1 during profiling
+        omegas.append(row)
+    return np.asarray(omegas)
+
+
+def test_admin_omegas_from_profiling_and_block_equation():
+    model = make_model("admin", num_layers=3)
+    tokens = jnp.asarray(np.random.default_rng(11).integers(1, VOCAB, (2, 6)), jnp.int32)
+    want = _admin_reference_omegas(model, tokens)
+    before, _ = model(tokens)
+    omegas = admin_initialize(model, tokens)
+    np.testing.assert_allclose(omegas["encoder"], want, rtol=1e-4)
+    layers = model.encoder.layers
+    for s, name in enumerate(("self_attn", "ffn")):
+        param = getattr(layers, f"{name}_omega")[...]  # [L, d], one value per sublayer
+        np.testing.assert_allclose(param, np.broadcast_to(want[:, s, None], param.shape),
+                                   rtol=1e-4)
+    x = random_stream(12)
+    got, _ = model.encoder(x)
+    np.testing.assert_allclose(got, reference_stack("admin", model.encoder, x), **TOL)
+    after, _ = model(tokens)
+    assert not np.allclose(before, after, atol=1e-3)
+
+
+def test_admin_initialize_refuses_other_schemes():
+    with pytest.raises(ValueError, match="residual='admin'"):
+        admin_initialize(make_model("post", num_layers=1), jnp.ones((1, 3), jnp.int32))
+
+
+ALL_SCHEMES = ["post", "pre", "sandwich", "peri", "deepnorm", "subln", "b2t", "rezero",
+               "admin", "mixln", "lnscale"]
+
+
+def test_every_scheme_gives_a_different_output():
+    """No silent no-op switch: same seed, same tokens, 4 layers (so lnscale's 1/sqrt(l) and
+    Mix-LN's 25% post layers both act); Admin after its profiling pass."""
+    tokens = jnp.asarray(np.random.default_rng(13).integers(1, VOCAB, (2, 6)), jnp.int32)
+    outputs = {}
+    for scheme in ALL_SCHEMES:
+        model = make_model(scheme, num_layers=4, arch="decoder")
+        if scheme == "admin":
+            admin_initialize(model, tokens)
+        outputs[scheme] = np.asarray(model(tokens)[0])
+    for a, b in itertools.combinations(ALL_SCHEMES, 2):
+        diff = np.max(np.abs(outputs[a] - outputs[b]))
+        assert diff > 1e-3, f"residual={a!r} and {b!r} give the same logits (max diff {diff})"
