@@ -1,0 +1,183 @@
+"""The shared pieces of every experiment config; each file in configs/ overrides a few keys.
+
+Every key is listed (and commented) here, so a locked config rejects a mistyped override:
+``--config.train.num_step=5`` fails with "did you mean num_steps". Run from the repository
+root (``python train.py ...`` puts it on ``sys.path``, which ``from configs import base`` needs).
+
+``get_config(arg)`` of every experiment accepts ``arg="quick"``:
+``--config=configs/deepnorm.py:quick`` shrinks the model and the run for a local smoke test
+(seconds on a laptop CPU), applied *before* the command line's own overrides, so
+``--config=configs/deepnorm.py:quick --config.train.num_steps=30`` does what it says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from deepnorm.config import TransformerConfig
+
+QUICK = "quick"
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """``model.*``: exactly the fields of ``deepnorm.TransformerConfig`` (see its comments).
+
+    arch            encoder | decoder | encoder_decoder
+    vocab_size      >= 260 (the byte tokenizer's ids)
+    num_layers      layers of encoder-only / decoder-only; 0 for encoder_decoder
+    num_encoder_layers, num_decoder_layers   N and M of encoder_decoder; else 0
+    d_model, num_heads, d_ff                 widths
+    norm            layernorm | rmsnorm | scalenorm | dyt | none
+    residual        post | pre | sandwich | peri | deepnorm | subln | b2t | rezero | admin |
+                    mixln | lnscale
+    init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup | dsinit
+    mixln_fraction  Mix-LN: share of the bottom layers that are Post-LN
+    dropout_rate    on embeddings and every branch output
+    activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
+    tie_embeddings, use_bias, norm_eps
+    dtype           float32 | bfloat16 (compute; params and norm statistics stay float32)
+    remat_policy    none | full | save_dots | save_dots_no_batch (what a layer keeps for backprop)
+    scan_layers     True (one scanned layer; compile time independent of depth)
+    attention_impl  unset (auto) | xla | cudnn
+    """
+    fields = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    _check_known("model", fields, overrides)
+    fields.update(overrides)
+    config = ml_collections.ConfigDict()
+    for name, value in fields.items():
+        # A None default gets a typed placeholder so the command line can still set it.
+        config[name] = config_dict.placeholder(str) if value is None else value
+    return config
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """``optimizer.*``: AdamW, warmup, schedule, clipping, label smoothing."""
+    config = ml_collections.ConfigDict()
+    config.learning_rate = 5e-4  # peak learning rate, reached at the end of warmup
+    config.b1 = 0.9  # Adam beta1
+    config.b2 = 0.98  # Adam beta2 (0.98 as in the DeepNet paper's fairseq setup)
+    config.eps = 1e-8  # Adam epsilon
+    config.weight_decay = 0.01  # decoupled (AdamW) decay on weight matrices and embeddings only
+    config.warmup_steps = 100  # linear warmup from ~0; 0 = no warmup at all
+    config.schedule = "inverse_sqrt"  # after warmup: inverse_sqrt | cosine (to 0) | constant
+    config.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 = no clipping
+    config.label_smoothing = 0.1  # the DeepNet paper's translation setting; eval uses plain NLL
+    _check_known('optimizer', config, overrides)
+    config.update(overrides)
+    return config
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """``data.*``: ``deepnorm.data.default_data_config()`` (corpus, text_files, tfds_name, ...).
+
+    Until the data package exports it, the same keys with the same defaults are spelled out here.
+    """
+    try:
+        from deepnorm.data import default_data_config
+    except ImportError:
+        config = ml_collections.ConfigDict()
+        config.corpus = "stdlib"  # stdlib (Python's own sources) | text_files | tfds
+        config.text_files = config_dict.placeholder(str)  # a glob, for corpus=text_files
+        config.tfds_name = config_dict.placeholder(str)  # e.g. lm1b, for corpus=tfds
+        config.tfds_text_key = config_dict.placeholder(str)  # feature, or "source,target"
+        config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; unset = TFDS default
+        config.validation_fraction = 0.02  # share of documents (by path hash) for validation
+        config.mask_rate = 0.15  # masked LM / span corruption: share of corrupted tokens
+        config.mean_span_length = 3.0  # span corruption: mean corrupted span
+        config.num_workers = 0  # grain worker processes; 0 = read in the training process
+        return config
+    return default_data_config()
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """``train.*``: the run's length, batches, logging, checkpoints, divergence policy."""
+    config = ml_collections.ConfigDict()
+    config.num_steps = 1000  # optimizer updates
+    config.batch_size = 32  # global batch (examples), split over data x fsdp and processes
+    config.seq_len = 128  # tokens per example (encoder input length for encoder_decoder)
+    config.seed = 0  # parameters, dropout and data order
+    config.log_every = 10  # metrics.jsonl / TensorBoard every this many steps
+    config.eval_every = 100  # validation loss and perplexity every this many steps (and last)
+    config.eval_steps = 8  # validation batches per evaluation (the same ones every time)
+    config.checkpoint_every = 100  # orbax checkpoint every this many steps (and at the end)
+    config.keep_checkpoints = 3  # keep the last k checkpoints
+    config.async_checkpoints = True  # write checkpoints in a background thread
+    # every_step: per-layer grad / update / activation norms on every step (feeds the
+    # divergence monitor); log_steps: only on logged steps; off: none.
+    config.diagnostics = "every_step"
+    config.on_nonfinite = "stop"  # stop | skip (drop the update; stop after k in a row)
+    config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
+    config.max_loss = 100.0  # a finite loss above this also counts as diverged
+    config.progress_bar = True  # tqdm bar on the terminal (primary process only)
+    _check_known('train', config, overrides)
+    config.update(overrides)
+    return config
+
+
+def mesh_config(**overrides) -> ml_collections.ConfigDict:
+    """``mesh.*``: device mesh sizes and the logical-axis -> mesh-axis rules."""
+    config = ml_collections.ConfigDict()
+    config.data = -1  # pure data parallelism; -1 = all devices not used by fsdp x tensor
+    config.fsdp = 1  # data parallel with params and optimizer state sharded (ZeRO-3)
+    config.tensor = 1  # tensor (Megatron) parallel over heads and the feed-forward width
+    config.rules = ml_collections.ConfigDict({
+        "vocab": "tensor",  # embedding rows (and the tied output projection)
+        "embed": "fsdp",  # d_model: the dimension every weight has, so fsdp shards them all
+        "heads": "tensor",  # attention heads (q, k, v columns; out rows)
+        "mlp": "tensor",  # feed-forward width
+        "norm": "",  # norm scales / biases: tiny, replicated ("" = not sharded)
+        "layers": "",  # the stacked-layer axis: scanned over, so kept whole
+    })
+    _check_known('mesh', config, overrides)
+    config.update(overrides)
+    return config
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """``distributed.*``: multi-host / multi-process runs via ``jax.distributed.initialize``."""
+    config = ml_collections.ConfigDict()
+    config.enabled = False  # call jax.distributed.initialize before anything else
+    # host:port of process 0; empty = auto-detect (SLURM, Cloud TPU, ...)
+    config.coordinator_address = ""
+    config.num_processes = 1  # total processes (with coordinator_address)
+    config.process_id = 0  # this process's rank (with coordinator_address)
+    return config
+
+
+def get_config(model: dict, *, arg: str | None = None, optimizer: dict | None = None,
+               train: dict | None = None, mesh: dict | None = None) -> ml_collections.ConfigDict:
+    """A complete, locked config: the shared defaults with an experiment's overrides."""
+    config = ml_collections.ConfigDict()
+    config.model = model_config(**model)
+    config.optimizer = optimizer_config(**(optimizer or {}))
+    config.data = data_config()
+    config.train = train_config(**(train or {}))
+    config.mesh = mesh_config(**(mesh or {}))
+    config.distributed = distributed_config()
+    if arg == QUICK:
+        shrink(config)
+    elif arg:
+        raise ValueError(f"config argument {arg!r} is not known; use ':{QUICK}' or nothing")
+    config.lock()
+    return config
+
+
+def _check_known(section: str, known, overrides: dict) -> None:
+    """An experiment file overriding a key the base does not have is a typo, not a new key."""
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise KeyError(f"{section}: unknown key(s) {', '.join(unknown)}")
+
+
+def shrink(config: ml_collections.ConfigDict) -> None:
+    """The ``:quick`` variant: a tiny model and a short run, same architecture and scheme."""
+    model = config.model
+    model.d_model, model.num_heads, model.d_ff = 32, 2, 64
+    for name in ("num_layers", "num_encoder_layers", "num_decoder_layers"):
+        model[name] = min(model[name], 2)
+    config.train.update(num_steps=10, batch_size=8, seq_len=32, log_every=2, eval_every=5,
+                        eval_steps=2, checkpoint_every=5)
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, 2)

@@ -1,0 +1,109 @@
+"""Deciding that a run has diverged, and naming the layer where it started.
+
+The policy is ``train.on_nonfinite``:
+
+* ``stop`` (default): the first non-finite loss or gradient, or a loss above
+  ``train.max_loss``, ends the run (summary.json status "diverged", train.py exits non-zero).
+* ``skip``: a step with a non-finite loss or gradient is dropped on the device (params and
+  optimizer state unchanged, see ``make_train_step(skip_nonfinite=True)``) and counted; more
+  than ``train.max_consecutive_skips`` in a row ends the run. A finite loss above ``max_loss``
+  still ends it (skipping cannot help a run that is finite but exploding).
+
+"The layer whose gradient norm blew up first": each layer's gradient norm is compared with its
+own running (exponential) average over healthy steps; the first step at which some layer is
+``spike_factor`` times above its average, or non-finite, is remembered (the earliest such
+event within the last ``window`` steps is reported).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import numpy as np
+
+POLICIES = ("stop", "skip")
+
+
+def layer_names(num_encoder_layers: int, num_decoder_layers: int) -> list[str]:
+    """Names in the order of every per-layer vector: encoder layers then decoder layers."""
+    return ([f"encoder layer {i}" for i in range(1, num_encoder_layers + 1)]
+            + [f"decoder layer {i}" for i in range(1, num_decoder_layers + 1)])
+
+
+@dataclasses.dataclass
+class Divergence:
+    step: int
+    loss: float
+    reason: str
+    layer: str
+
+    def line(self) -> str:
+        return (f"diverged at step {self.step}: loss={self.loss:.6g} ({self.reason}); "
+                f"gradient norm blew up first in {self.layer}")
+
+
+class DivergenceMonitor:
+    """Feed it each step's host metrics; it returns a ``Divergence`` when the run must stop."""
+
+    def __init__(self, names: list[str], *, policy: str = "stop", max_loss: float = math.inf,
+                 max_consecutive_skips: int = 10, spike_factor: float = 10.0,
+                 ema_decay: float = 0.9, window: int = 200):
+        if policy not in POLICIES:
+            raise ValueError(f"train.on_nonfinite={policy!r} is not one of {', '.join(POLICIES)}")
+        self.names, self.policy, self.max_loss = names, policy, max_loss
+        self.max_consecutive_skips = max_consecutive_skips
+        self.spike_factor, self.ema_decay, self.window = spike_factor, ema_decay, window
+        self._ema: np.ndarray | None = None
+        self._events: collections.deque = collections.deque()  # (step, layer index)
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+
+    def observe(self, step: int, metrics) -> Divergence | None:
+        loss = float(metrics["loss"])
+        finite = bool(metrics["finite"])
+        per_layer = metrics.get("grad_norm_per_layer")
+        if per_layer is not None:
+            self._track_layers(step, np.asarray(per_layer, np.float64), finite)
+        if not finite:
+            self.skipped_steps += self.policy == "skip"
+            self.consecutive_skips += 1
+            if self.policy == "stop":
+                return self._diverged(step, loss, "non-finite loss or gradient", per_layer)
+            if self.consecutive_skips > self.max_consecutive_skips:
+                return self._diverged(
+                    step, loss, f"{self.consecutive_skips} non-finite steps in a row, more "
+                    f"than train.max_consecutive_skips={self.max_consecutive_skips}", per_layer)
+            return None
+        self.consecutive_skips = 0
+        if loss > self.max_loss:
+            return self._diverged(step, loss, f"above train.max_loss={self.max_loss:g}",
+                                  per_layer)
+        return None
+
+    def _track_layers(self, step: int, grads: np.ndarray, finite: bool) -> None:
+        while self._events and self._events[0][0] < step - self.window:
+            self._events.popleft()
+        bad = ~np.isfinite(grads)
+        if self._ema is not None:
+            bad |= grads > self.spike_factor * self._ema
+        if bad.any():
+            ratio = np.where(np.isfinite(grads), grads / np.maximum(
+                self._ema if self._ema is not None else grads, 1e-30), np.inf)
+            self._events.append((step, int(np.argmax(np.where(bad, ratio, -np.inf)))))
+        if finite and np.isfinite(grads).all():
+            self._ema = (grads if self._ema is None
+                         else self.ema_decay * self._ema + (1 - self.ema_decay) * grads)
+
+    def _diverged(self, step, loss, reason, per_layer) -> Divergence:
+        if self._events:
+            first_step, index = self._events[0]
+            layer = f"{self.names[index]} (at step {first_step})"
+        elif per_layer is not None:
+            grads = np.asarray(per_layer, np.float64)
+            index = int(np.argmax(np.where(np.isfinite(grads), grads, np.inf)))
+            layer = f"{self.names[index]} (largest gradient norm at step {step})"
+        else:
+            layer = "unknown (per-layer gradient norms not recorded at this step)"
+        return Divergence(step=step, loss=loss, reason=reason, layer=layer)

@@ -1,0 +1,293 @@
+"""``train_and_evaluate(config, workdir)``: the whole run, importable (train.py is a shell).
+
+One pass through the setup (every bad value fails here, as ``ConfigError``, before anything
+is compiled), then the hot loop: a jitted, donated, sharded ``train_step`` per batch. The
+metrics of step ``s`` are fetched to the host only after step ``s + 1`` has been launched, so
+logging never leaves the device idle (nanodo's trick); checkpoint and eval steps synchronize.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from deepnorm.config import ConfigError, TransformerConfig
+from deepnorm.initializers import describe
+from deepnorm.training import checkpoint as checkpoint_lib
+from deepnorm.training import divergence as divergence_lib
+from deepnorm.training import mesh as mesh_lib
+from deepnorm.training.data import DataSource
+from deepnorm.training.metrics import MetricsWriter
+from deepnorm.training.optim import make_optimizer
+from deepnorm.training.state import abstract_params, abstract_train_state, create_train_state
+from deepnorm.training.steps import make_eval_step, make_train_step
+
+DIAGNOSTICS = ("every_step", "log_steps", "off")
+
+
+def initialize_distributed(dist_config) -> None:
+    """``jax.distributed.initialize`` when ``distributed.enabled``; must run before any other
+    JAX call. With an empty coordinator address JAX auto-detects (SLURM, TPU pods, ...)."""
+    if not dist_config.enabled:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+        # CPU processes exchange collectives through gloo (only used when all devices are CPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if dist_config.coordinator_address:
+        kwargs = dict(coordinator_address=dist_config.coordinator_address,
+                      num_processes=int(dist_config.num_processes),
+                      process_id=int(dist_config.process_id))
+    jax.distributed.initialize(**kwargs)
+
+
+def check_train_config(train) -> None:
+    """One-line errors for ``train.*`` values that cannot work."""
+    for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_steps",
+                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+        value = train[name]
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"train.{name}={value!r} must be a positive integer")
+    if train.on_nonfinite not in divergence_lib.POLICIES:
+        raise ConfigError(f"train.on_nonfinite={train.on_nonfinite!r} is not one of "
+                          f"{', '.join(divergence_lib.POLICIES)}")
+    if train.diagnostics not in DIAGNOSTICS:
+        raise ConfigError(f"train.diagnostics={train.diagnostics!r} is not one of "
+                          f"{', '.join(DIAGNOSTICS)}")
+    if not train.max_loss > 0:
+        raise ConfigError(f"train.max_loss={train.max_loss!r} must be positive")
+
+
+def derived_constants(model_cfg: TransformerConfig, config) -> dict:
+    """What the DeepNet maintainers ask first about a diverged run, flat, for the logs."""
+    out = {k: float(v) for k, v in describe(model_cfg).items()}
+    out.update(learning_rate=float(config.optimizer.learning_rate),
+               warmup_steps=int(config.optimizer.warmup_steps),
+               schedule=config.optimizer.schedule, b1=float(config.optimizer.b1),
+               b2=float(config.optimizer.b2), batch_size=int(config.train.batch_size),
+               seq_len=int(config.train.seq_len))
+    return out
+
+
+def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, mesh) -> str:
+    stacks = "; ".join(
+        f"{s} alpha={derived[f'{s}_alpha']:.4g} beta(branch gain)="
+        f"{derived[f'{s}_branch_gain']:.4g}"
+        for s in ("encoder", "decoder") if f"{s}_alpha" in derived)
+    return (f"{model_cfg.arch} N={model_cfg.encoder_layers} M={model_cfg.decoder_layers} "
+            f"d={model_cfg.d_model} residual={model_cfg.residual} norm={model_cfg.norm} "
+            f"init={model_cfg.resolved_init}; {stacks}; lr={derived['learning_rate']:g} "
+            f"({derived['schedule']}, warmup {derived['warmup_steps']}) adam b1="
+            f"{derived['b1']:g} b2={derived['b2']:g}; batch {derived['batch_size']} x "
+            f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
+            f"{jax.device_count()} devices, {jax.process_count()} process(es)")
+
+
+def to_host(tree):
+    """Device metrics (replicated) -> NumPy, also for arrays spanning several processes."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_resolved_config(workdir: str, config, resuming: bool) -> None:
+    """``config.json``: the config the run used. On resume, differing keys are named."""
+    path = os.path.join(workdir, "config.json")
+    current = config.to_dict()
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            previous = _flat(json.load(f))
+        now = _flat(json.loads(json.dumps(current)))
+        changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+        if changed:
+            logging.warning("resuming %s with a changed config: %s", workdir, ", ".join(
+                f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in changed))
+    with open(path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+
+
+class _Evaluator:
+    """Unsmoothed validation loss over ``eval_steps`` batches, the same batches every time."""
+
+    def __init__(self, data: DataSource, eval_step, num_batches: int):
+        self.data, self.eval_step, self.num_batches = data, eval_step, num_batches
+        self.iterator = data.iterator("validation")
+        self.start = self.iterator.get_state()
+
+    def __call__(self, params) -> dict:
+        self.iterator.set_state(self.start)
+        nll = tokens = 0.0
+        for _ in range(self.num_batches):
+            out = to_host(self.eval_step(params, self.data.to_global(next(self.iterator))))
+            nll += float(out["nll_sum"])
+            tokens += float(out["num_tokens"])
+        loss = nll / max(tokens, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+                "eval_tokens": tokens}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its checkpoints); returns the summary
+    that is also written to ``workdir/summary.json``."""
+    initialize_distributed(config.distributed)
+    started = time.time()
+    model_cfg = TransformerConfig.from_mapping(config.model)
+    train = config.train
+    check_train_config(train)
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    if primary:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--workdir={workdir} cannot be created: {err.strerror}") from err
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = mesh_lib.sharding_rules(config.mesh)
+    mesh_lib.check_batch_size(train.batch_size, mesh, jax.process_count())
+    data = DataSource(config, model_cfg, mesh)
+    tx, schedule = make_optimizer(config.optimizer, train.num_steps)
+    graphdef, param_state = abstract_params(model_cfg, train.seed)
+    shardings = mesh_lib.state_shardings(mesh, tx, param_state, rules)
+    train_iter = data.iterator("train")
+    evaluator = _Evaluator(data, jax.jit(make_eval_step(graphdef),
+                                         in_shardings=(shardings.params, data.sharding)),
+                           train.eval_steps)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, every=train.checkpoint_every,
+                                               keep=train.keep_checkpoints,
+                                               async_save=train.async_checkpoints)
+    abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
+                                            shardings)
+    state, start_step = checkpointer.restore_latest(abstract, train_iter)
+    if state is None:
+        admin_batch = data.first_batch() if model_cfg.residual == "admin" else None
+        graphdef, state = create_train_state(model_cfg, tx, train.seed, shardings=shardings,
+                                             admin_batch=admin_batch)
+    if primary:
+        write_resolved_config(workdir, config, resuming=start_step > 0)
+
+    derived = derived_constants(model_cfg, config)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    logging.info("%s", _start_line(model_cfg, derived, num_params, mesh))
+    if start_step:
+        logging.info("resuming from checkpoint step %d in %s", start_step, workdir)
+
+    diagnostics = train.diagnostics != "off"
+    step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
+                       skip_nonfinite=train.on_nonfinite == "skip")
+    jit_step = lambda diag: jax.jit(  # noqa: E731
+        make_train_step(graphdef, tx, diagnostics=diag, **step_kwargs),
+        in_shardings=(shardings, data.sharding),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    full_step = jit_step(diagnostics)
+    # "log_steps": the per-layer reductions only on the steps that are logged.
+    light_step = jit_step(False) if train.diagnostics == "log_steps" else full_step
+
+    monitor = divergence_lib.DivergenceMonitor(
+        divergence_lib.layer_names(model_cfg.encoder_layers, model_cfg.decoder_layers),
+        policy=train.on_nonfinite, max_loss=float(train.max_loss),
+        max_consecutive_skips=train.max_consecutive_skips)
+    writer = MetricsWriter(workdir, primary=primary, start_step=start_step,
+                           num_steps=train.num_steps, progress=train.progress_bar)
+    tokens_per_step = train.batch_size * train.seq_len
+    last = {"loss": None, "eval": None, "diverged": None}
+    timer = {"t": None, "steps": 0}
+
+    def handle(step: int, metrics_device) -> bool:
+        """Host side of step ``step`` (1-based count of finished updates); False = stop."""
+        metrics = to_host(metrics_device)
+        writer.advance()
+        last["loss"] = float(metrics["loss"])
+        event = monitor.observe(step, metrics)
+        if event is not None:
+            last["diverged"] = event
+            writer.write(step, dict(metrics, learning_rate=schedule(step - 1),
+                                    skipped_steps=monitor.skipped_steps))
+            return False
+        now = time.time()
+        if timer["t"] is None:  # the first step includes compilation: time from its end
+            timer["t"], timer["steps"] = now, 0
+        else:
+            timer["steps"] += 1
+        if step % train.log_every == 0 or step == train.num_steps:
+            elapsed = now - timer["t"]
+            row = dict(metrics, learning_rate=schedule(step - 1),
+                       tokens_per_s=(timer["steps"] * tokens_per_step / elapsed
+                                     if timer["steps"] and elapsed > 0 else float("nan")),
+                       steps_per_s=timer["steps"] / elapsed if elapsed > 0 else float("nan"))
+            if train.on_nonfinite == "skip":
+                row["skipped_steps"] = monitor.skipped_steps
+            writer.write(step, row)
+            timer["t"], timer["steps"] = now, 0
+        return True
+
+    pending = None
+    step = start_step
+    try:
+        while step < train.num_steps:
+            logged = (step + 1) % train.log_every == 0 or step + 1 == train.num_steps
+            batch = data.to_global(next(train_iter))
+            state, metrics = (full_step if logged else light_step)(state, batch)
+            step += 1
+            if pending is not None and not handle(*pending):
+                break
+            pending = (step, metrics)
+            final = step == train.num_steps
+            if checkpointer.due(step) or step % train.eval_every == 0 or final:
+                ok = handle(*pending)
+                pending = None
+                if not ok:
+                    break
+                if checkpointer.due(step) or final:
+                    checkpointer.save(step, state, train_iter)
+                if step % train.eval_every == 0 or final:
+                    last["eval"] = evaluator(state.params)
+                    writer.write(step, last["eval"], kind="eval")
+                    writer.message(f"step {step}: loss {last['loss']:.4f}, eval loss "
+                                   f"{last['eval']['eval_loss']:.4f}, perplexity "
+                                   f"{last['eval']['eval_perplexity']:.2f}")
+        if pending is not None:
+            handle(*pending)
+    finally:
+        checkpointer.close()
+        writer.close()
+    checkpoint_steps = checkpointer.steps()
+
+    event = last["diverged"]
+    summary = {
+        "status": "diverged" if event else "completed",
+        "final_step": event.step if event else step,
+        "final_loss": event.loss if event else last["loss"],
+        "final_eval_loss": last["eval"]["eval_loss"] if last["eval"] else None,
+        "final_eval_perplexity": last["eval"]["eval_perplexity"] if last["eval"] else None,
+        "divergence": event.line() if event else None,
+        "skipped_steps": monitor.skipped_steps,
+        "resumed_from_step": start_step or None,
+        "checkpoint_steps": checkpoint_steps,
+        "num_parameters": num_params,
+        "derived": derived,
+        "mesh": dict(mesh.shape),
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "wall_s": round(time.time() - started, 2),
+    }
+    if event:
+        logging.error("%s", event.line())
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
