@@ -178,10 +178,20 @@ def _data_dir(data_config) -> str | None:
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> None:
     """Builds as array_record without polling GCS; TFDS reuses an existing build."""
-    builder.download_and_prepare(
-        file_format=_FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
+    try:
+        builder.download_and_prepare(
+            file_format=_FILE_FORMAT,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        )
+    except ModuleNotFoundError as err:
+        if err.name != "importlib_resources":
+            raise
+        # tensorflow-datasets 4.9.x imports it when building but declares it only for Python<3.9.
+        raise ModuleNotFoundError(
+            "building a TFDS dataset needs the 'importlib_resources' package, which"
+            " tensorflow-datasets uses without declaring it: pip install importlib_resources",
+            name=err.name,
+        ) from err
 
 
 def corpus_builder(data_config) -> DeepnormCorpus:
@@ -217,6 +227,8 @@ def tfds_builder(data_config) -> tfds.core.DatasetBuilder:
         raise ValueError(f"data.tfds_name {name!r} is not a known TFDS dataset") from err
     try:
         _prepare(builder)
+    except ModuleNotFoundError:
+        raise
     except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
         raise RuntimeError(
             f"could not download and prepare TFDS dataset {name!r} ({type(err).__name__}: "
@@ -241,9 +253,8 @@ class TextSource:
 
     def __getitem__(self, index: int) -> dict[str, bytes]:
         example = self._source[index]
-        if len(self._keys) == 1:
-            return {"text": as_bytes(example[self._keys[0]])}
-        return {"source": as_bytes(example[self._keys[0]]), "target": as_bytes(example[self._keys[1]])}
+        names = ("text",) if len(self._keys) == 1 else ("source", "target")
+        return {name: as_bytes(example[key]) for name, key in zip(names, self._keys)}
 
 
 def _check_text_keys(builder: tfds.core.DatasetBuilder, keys: tuple[str, ...]) -> None:

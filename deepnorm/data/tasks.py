@@ -10,11 +10,17 @@ of a finite pass; padding is always trailing, so "real length" is the count of n
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from deepnorm.data.tokenizer import EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SENTINEL_ID, VOCAB_SIZE
+from deepnorm.data.tokenizer import (
+    EOS_ID,
+    MASK_ID,
+    NUM_SPECIAL,
+    PAD_ID,
+    SENTINEL_ID,
+    VOCAB_SIZE,
+    encode,
+)
 
 TASKS = ("causal_lm", "masked_lm", "span_corruption")
 _ARCH_TASKS = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
@@ -56,7 +62,8 @@ def masked_lm(window: np.ndarray, rng: np.random.Generator, mask_rate: float) ->
     chosen = rng.choice(real, size=num_chosen, replace=False)
     action = rng.random(num_chosen)
     random_tokens = rng.integers(NUM_SPECIAL, VOCAB_SIZE, size=num_chosen, dtype=np.int32)
-    replacement = np.where(action < 0.8, MASK_ID, np.where(action < 0.9, random_tokens, targets[chosen]))
+    kept_or_random = np.where(action < 0.9, random_tokens, targets[chosen])
+    replacement = np.where(action < 0.8, MASK_ID, kept_or_random)
     inputs = targets.copy()
     inputs[chosen] = replacement
     weights = np.zeros(targets.shape, np.float32)
@@ -93,7 +100,9 @@ def _random_segmentation(total: int, parts: int, rng: np.random.Generator) -> np
     return np.diff(np.concatenate([[0], cuts, [total]]))
 
 
-def _noise_mask(length: int, num_noise: int, num_spans: int, rng: np.random.Generator) -> np.ndarray:
+def _noise_mask(
+    length: int, num_noise: int, num_spans: int, rng: np.random.Generator
+) -> np.ndarray:
     """Boolean mask of ``num_spans`` noise spans, alternating with kept runs, kept run first."""
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     kept_lengths = _random_segmentation(length - num_noise, num_spans, rng)
@@ -136,7 +145,7 @@ def span_corruption(
     span_start = noise & ~np.concatenate([[False], noise[:-1]])
     keep = ~noise | span_start
     inputs = np.where(span_start, SENTINEL_ID, tokens)[keep]
-    span_offsets = np.flatnonzero(span_start[noise]) if num_spans else np.array([], int)
+    span_offsets = np.flatnonzero(span_start[noise])
     targets = np.append(np.insert(tokens[noise], span_offsets, SENTINEL_ID), EOS_ID)
     return {"inputs": _pad_to(inputs, seq_len), **_decoder_arrays(_pad_to(targets, target_len))}
 
@@ -147,15 +156,6 @@ def translation(example: dict, seq_len: int) -> dict[str, np.ndarray]:
     Both sides are byte tokens; the source is truncated to ``seq_len`` and the target (plus
     EOS) to ``seq_len`` as well, so the decoder length equals the encoder length.
     """
-    from deepnorm.data.tokenizer import encode
-
     source = encode(example["source"])[:seq_len]
     target = np.append(encode(example["target"])[: seq_len - 1], EOS_ID)
     return {"inputs": _pad_to(source, seq_len), **_decoder_arrays(_pad_to(target, seq_len))}
-
-
-def decoder_length(task: str, seq_len: int, noise_rate: float, mean_span_length: float, *, paired: bool) -> int:
-    """Length of ``targets`` for ``task``: T, except span corruption's shorter span list."""
-    if task == "span_corruption" and not paired:
-        return span_target_length(seq_len, noise_rate, mean_span_length)
-    return seq_len
