@@ -16,9 +16,11 @@ MODEL = dict(arch="encoder_decoder", num_encoder_layers=6, num_decoder_layers=6,
              num_heads=4, d_ff=512, norm="layernorm", residual="deepnorm")
 
 
+# Shared with post_ln.py and pre_ln.py, so the comparisons change one thing.
+OPTIMIZER = dict(learning_rate=1e-3, warmup_steps=20)
+TRAIN = dict(num_steps=2000, batch_size=16, seq_len=128, log_every=10, eval_every=50,
+             checkpoint_every=50)
+
+
 def get_config(arg=None):
-    return base.get_config(
-        MODEL, arg=arg,
-        optimizer=dict(learning_rate=1e-3, warmup_steps=20),
-        train=dict(num_steps=2000, batch_size=16, seq_len=128, log_every=10, eval_every=50,
-                   checkpoint_every=50))
+    return base.get_config(MODEL, arg=arg, optimizer=OPTIMIZER, train=TRAIN)

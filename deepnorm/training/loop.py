@@ -36,9 +36,9 @@ def initialize_distributed(dist_config) -> None:
     JAX call. With an empty coordinator address JAX auto-detects (SLURM, TPU pods, ...)."""
     if not dist_config.enabled:
         return
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        # CPU processes exchange collectives through gloo (only used when all devices are CPU).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between CPU devices of different processes go through gloo (the default has
+    # none); GPU/TPU collectives are unaffected by this option.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if dist_config.coordinator_address:
         kwargs = dict(coordinator_address=dist_config.coordinator_address,
@@ -207,6 +207,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     last = {"loss": None, "eval": None, "diverged": None}
     timer = {"t": None, "steps": 0}
 
+    def is_logged(step: int) -> bool:
+        """Every log_every-th step, plus the first (the starting loss) and the last."""
+        return step % train.log_every == 0 or step in (1, train.num_steps)
+
     def handle(step: int, metrics_device) -> bool:
         """Host side of step ``step`` (1-based count of finished updates); False = stop."""
         metrics = to_host(metrics_device)
@@ -223,7 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             timer["t"], timer["steps"] = now, 0
         else:
             timer["steps"] += 1
-        if step % train.log_every == 0 or step == train.num_steps:
+        if is_logged(step):
             elapsed = now - timer["t"]
             row = dict(metrics, learning_rate=schedule(step - 1),
                        tokens_per_s=(timer["steps"] * tokens_per_step / elapsed
@@ -239,7 +243,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = start_step
     try:
         while step < train.num_steps:
-            logged = (step + 1) % train.log_every == 0 or step + 1 == train.num_steps
+            logged = is_logged(step + 1)
             batch = data.to_global(next(train_iter))
             state, metrics = (full_step if logged else light_step)(state, batch)
             step += 1

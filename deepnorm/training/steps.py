@@ -54,7 +54,7 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(  # noqa: E731
@@ -64,8 +64,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
             "loss": loss,
             "nll": aux["nll"],
             "grad_norm": grad_norm,
-            "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(params),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
             "num_tokens": aux["num_tokens"],
             "finite": finite.astype(jnp.int32),
         }

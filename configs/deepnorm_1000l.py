@@ -1,0 +1,21 @@
+"""A 1,000-layer DeepNorm encoder-decoder (500 + 500, the depth of the DeepNet paper's
+1,000-layer model), made narrow enough to train on a CPU. Depth is a scanned array axis, so
+compile time is that of one layer; with remat every layer is recomputed on the backward pass.
+
+    python train.py --config=configs/deepnorm_1000l.py --config.train.num_steps=5 --workdir=runs/dn1000
+
+Expect: RESULT_PLACEHOLDER
+"""
+
+from configs import base
+
+MODEL = dict(arch="encoder_decoder", num_encoder_layers=500, num_decoder_layers=500,
+             d_model=16, num_heads=2, d_ff=32, norm="layernorm", residual="deepnorm")
+
+
+def get_config(arg=None):
+    return base.get_config(
+        MODEL, arg=arg,
+        optimizer=dict(learning_rate=5e-4, warmup_steps=0, schedule="constant"),
+        train=dict(num_steps=20, batch_size=4, seq_len=32, log_every=1, eval_every=10,
+                   eval_steps=2, checkpoint_every=10))

@@ -1,0 +1,15 @@
+"""Pre-LN baseline (Xiong et al. 2020): x <- x + F(LN(x)), a final LN per stack, Xavier init,
+same shape and optimizer as configs/deepnorm.py.
+
+    python train.py --config=configs/pre_ln.py --config.train.num_steps=50 --workdir=runs/pre
+
+Expect: RESULT_PLACEHOLDER
+"""
+
+from configs import base
+from configs.deepnorm import MODEL, OPTIMIZER, TRAIN
+
+
+def get_config(arg=None):
+    return base.get_config(dict(MODEL, residual="pre"), arg=arg, optimizer=OPTIMIZER,
+                           train=TRAIN)
