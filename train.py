@@ -30,6 +30,12 @@ def _parse(argv):
     """absl's parser, but a bad flag is one line and exit code 2 (not a traceback or usage)."""
     try:
         return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as err:  # config_flags: a key the config does not have
+        while err.args and isinstance(err.args[0], BaseException):
+            err = err.args[0]
+        lines = str(err.args[0] if err.args else err).splitlines()
+        text = ". ".join(line.strip() for line in lines if line.strip())
+        _fail(f"unknown config key {text} (all keys: configs/base.py)")
     except Exception as err:  # noqa: BLE001 - flags and config_flags raise several kinds
         _fail(" ".join(str(err).split()) or type(err).__name__)
 
@@ -44,7 +50,14 @@ class _QuietLibraries:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.train.num_steps=5")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    try:
+        config = _CONFIG.value  # a lazy proxy: the file is loaded on first attribute access
+        if config is not None:
+            config = config.lock()
+    except Exception as err:  # noqa: BLE001 - a missing file, a syntax or import error in it
+        detail = str(err).strip().splitlines()[-1].strip()
+        _fail(f"cannot load the --config file: {detail}")
+    if config is None or not _WORKDIR.value:
         _fail("both --config=configs/<experiment>.py and --workdir=<dir> are required")
     from deepnorm.config import ConfigError  # after flag parsing: keeps --help fast
     from deepnorm.training.loop import train_and_evaluate
@@ -52,7 +65,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_logger().addFilter(_QuietLibraries())
     try:
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        summary = train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as err:
         _fail(str(err))
     if summary["status"] == "diverged":

@@ -120,6 +120,16 @@ def write_resolved_config(workdir: str, config, resuming: bool) -> None:
         json.dump(current, f, indent=2, sort_keys=True)
 
 
+def _finished_summary(workdir: str, start_step: int, num_steps: int) -> dict | None:
+    """The summary of a run that already reached ``num_steps`` (re-running it is a no-op)."""
+    path = os.path.join(workdir, "summary.json")
+    if start_step < num_steps or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("final_step") == start_step else None
+
+
 class _Evaluator:
     """Unsmoothed validation loss over ``eval_steps`` batches, the same batches every time."""
 
@@ -173,6 +183,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
                                             shardings)
     state, start_step = checkpointer.restore_latest(abstract, train_iter)
+    finished = _finished_summary(workdir, start_step, train.num_steps)
+    if finished is not None:
+        checkpointer.close()
+        logging.info("%s already completed %d steps; nothing to do (raise "
+                     "train.num_steps to continue)", workdir, start_step)
+        return finished
     if state is None:
         admin_batch = data.first_batch() if model_cfg.residual == "admin" else None
         graphdef, state = create_train_state(model_cfg, tx, train.seed, shardings=shardings,
@@ -239,22 +255,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
             timer["t"], timer["steps"] = now, 0
         return True
 
-    pending = None
+    pending = None  # (step, device metrics) launched but not yet looked at on the host
     step = start_step
     try:
         while step < train.num_steps:
-            logged = is_logged(step + 1)
             batch = data.to_global(next(train_iter))
-            state, metrics = (full_step if logged else light_step)(state, batch)
+            state, metrics = (full_step if is_logged(step + 1) else light_step)(state, batch)
             step += 1
-            if pending is not None and not handle(*pending):
+            previous, pending = pending, (step, metrics)
+            if previous is not None and not handle(*previous):
                 break
-            pending = (step, metrics)
             final = step == train.num_steps
             if checkpointer.due(step) or step % train.eval_every == 0 or final:
-                ok = handle(*pending)
-                pending = None
-                if not ok:
+                previous, pending = pending, None  # checkpoints and evals synchronize
+                if not handle(*previous):
                     break
                 if checkpointer.due(step) or final:
                     checkpointer.save(step, state, train_iter)
@@ -264,8 +278,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.message(f"step {step}: loss {last['loss']:.4f}, eval loss "
                                    f"{last['eval']['eval_loss']:.4f}, perplexity "
                                    f"{last['eval']['eval_perplexity']:.2f}")
-        if pending is not None:
-            handle(*pending)
+        else:
+            if pending is not None:
+                handle(*pending)
     finally:
         checkpointer.close()
         writer.close()

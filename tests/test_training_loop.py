@@ -1,0 +1,100 @@
+"""train_and_evaluate end to end on the real data pipeline, a tiny model, one CPU device."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for `configs`
+from configs import decoder_lm  # noqa: E402
+
+from deepnorm.training.loop import train_and_evaluate  # noqa: E402
+from deepnorm.training.metrics import read_metrics  # noqa: E402
+
+PER_LAYER = ("grad_norm_per_layer", "update_norm_per_layer", "activation_norm_per_layer")
+
+
+def tiny_config(**train):
+    config = decoder_lm.get_config("quick")
+    config.model.update(d_model=16, d_ff=32)
+    config.optimizer.update(schedule="constant", warmup_steps=0, learning_rate=3e-3)
+    config.train.update(dict(num_steps=6, batch_size=4, seq_len=16, log_every=1, eval_every=3,
+                             eval_steps=1, checkpoint_every=3, progress_bar=False), **train)
+    return config
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    return workdir, train_and_evaluate(tiny_config(), workdir)
+
+
+def train_rows(workdir):
+    return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if r["kind"] == "train"]
+
+
+def test_a_run_writes_metrics_checkpoints_config_and_summary(full_run):
+    workdir, summary = full_run
+    rows = train_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s"):
+            assert key in row
+        for key in PER_LAYER:
+            assert len(row[key]) == 2 and all(math.isfinite(v) for v in row[key])
+        assert row["learning_rate"] == pytest.approx(3e-3)
+    evals = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+             if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # the same batches: it learned
+    assert evals[-1]["eval_perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["d_model"] == 16
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == json.loads(json.dumps(summary))
+    assert summary["status"] == "completed" and summary["final_step"] == 6
+    assert summary["final_loss"] == rows[-1]["loss"]
+    assert summary["final_eval_loss"] == evals[-1]["eval_loss"]
+    assert summary["derived"]["decoder_alpha"] == pytest.approx((2 * 2) ** 0.25)
+    assert summary["derived"]["decoder_branch_gain"] == pytest.approx((8 * 2) ** -0.25)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(full_run, tmp_path):
+    workdir, _ = full_run
+    first = train_and_evaluate(tiny_config(num_steps=3), str(tmp_path))
+    assert first["final_step"] == 3
+    second = train_and_evaluate(tiny_config(), str(tmp_path))
+    assert second["resumed_from_step"] == 3 and second["status"] == "completed"
+    resumed, uninterrupted = train_rows(str(tmp_path)), train_rows(workdir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
+    with open(tmp_path / "metrics.jsonl") as f:  # appended, never truncated
+        assert sum(json.loads(line)["kind"] == "train" for line in f) == 6
+
+
+def test_a_nan_stops_the_run_naming_the_step_and_layer(tmp_path):
+    config = tiny_config(checkpoint_every=1)
+    config.optimizer.learning_rate = 1e30  # the first update overflows the next forward pass
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["status"] == "diverged"
+    assert summary["final_step"] < 6 and not math.isfinite(summary["final_loss"])
+    assert summary["divergence"].startswith(f"diverged at step {summary['final_step']}: loss=")
+    assert "non-finite" in summary["divergence"] and "decoder layer" in summary["divergence"]
+    assert all(s < summary["final_step"] for s in summary["checkpoint_steps"])
+
+
+def test_skip_policy_drops_bad_steps_then_gives_up(tmp_path):
+    config = tiny_config(on_nonfinite="skip", max_consecutive_skips=2, num_steps=10)
+    config.optimizer.learning_rate = 1e30
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
+    assert "3 non-finite steps in a row" in summary["divergence"]
+    assert train_rows(str(tmp_path))[-1]["skipped_steps"] == 3
