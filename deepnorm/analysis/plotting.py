@@ -1,0 +1,230 @@
+"""Figures for the analysis: one fixed colour per residual scheme, shared by every figure.
+
+Every function takes the JSON records its command writes, so a notebook can re-plot a saved
+run without recomputing it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, not windows; notebooks display the returned figure themselves
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deepnorm.analysis.schemes import SCHEMES  # noqa: E402
+
+# One colour per scheme, the same in every figure: the three the papers compare get the
+# strongest colours (Post-LN red, Pre-LN blue, DeepNorm green).
+COLORS = {
+    "post": "#d62728", "pre": "#1f77b4", "deepnorm": "#2ca02c", "sandwich": "#9467bd",
+    "peri": "#8c564b", "subln": "#e377c2", "b2t": "#7f7f7f", "rezero": "#bcbd22",
+    "admin": "#17becf", "mixln": "#ff7f0e", "lnscale": "#393b79", "tfixup": "#843c39",
+    "dsinit": "#637939",
+}
+assert set(COLORS) == set(SCHEMES), "every scheme needs its colour"
+
+LABELS = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "sandwich": "Sandwich-LN",
+          "peri": "Peri-LN", "subln": "SubLN", "b2t": "B2T", "rezero": "ReZero",
+          "admin": "Admin", "mixln": "Mix-LN", "lnscale": "LN-Scaling", "tfixup": "T-Fixup",
+          "dsinit": "DS-Init"}
+
+PARAM_TITLES = {"ffn_out": "FFN output W2", "ffn_in": "FFN input W1",
+                "self_attn.query": "self-attn query", "self_attn.key": "self-attn key",
+                "self_attn.value": "self-attn value", "self_attn.out": "self-attn output"}
+
+
+def color(scheme: str) -> str:
+    return COLORS[scheme]
+
+
+def label(scheme: str) -> str:
+    return LABELS.get(scheme, scheme)
+
+
+def _ordered(names):
+    return sorted(set(names), key=lambda s: SCHEMES.index(s) if s in SCHEMES else len(SCHEMES))
+
+
+def _mean_band(ax, x, table_SxN, scheme, **kw):
+    """Mean over seeds as a line, min..max over seeds as a band."""
+    mean = np.nanmean(table_SxN, axis=0)
+    kw.setdefault("label", label(scheme))
+    ax.plot(x, mean, color=color(scheme), marker="o", ms=3, **kw)
+    if table_SxN.shape[0] > 1:
+        ax.fill_between(x, np.nanmin(table_SxN, 0), np.nanmax(table_SxN, 0),
+                        color=color(scheme), alpha=0.2, lw=0)
+
+
+def _log_if_wide(ax, values, axis="y"):
+    """Log scale when positive data spans more than a decade."""
+    values = np.asarray([v for v in np.ravel(values) if np.isfinite(v) and v > 0])
+    if values.size and values.max() / values.min() > 10:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+def _table(records, scheme, depth, param, key):
+    rows = [r for r in records if r["residual"] == scheme and r["num_layers"] == depth
+            and r["param"] == param]
+    seeds = sorted({r["seed"] for r in rows})
+    layers = sorted({r["layer"] for r in rows})
+    table = np.full((len(seeds), len(layers)), np.nan)
+    for r in rows:
+        table[seeds.index(r["seed"]), layers.index(r["layer"])] = r[key]
+    return np.asarray(layers), table
+
+
+def plot_grad_norms(records, path=None, params=("ffn_out", "ffn_in", "self_attn.out")):
+    """Xiong et al. 2020 Fig. 3: expected gradient norm per layer (a, b, ...) for the
+    shallowest depth and, when several depths were run, the last layer's W2 against depth."""
+    schemes = _ordered(r["residual"] for r in records)
+    depths = sorted({r["num_layers"] for r in records})
+    params = [p for p in params if any(r["param"] == p for r in records)]
+    panels = len(params) + (len(depths) > 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
+    axes = axes[0]
+    depth = depths[0]
+    enc_layers = max((r["layer"] for r in records
+                      if r.get("stack") == "encoder" and r["num_layers"] == depth), default=0)
+    for ax, param in zip(axes, params):
+        values = []
+        for scheme in schemes:
+            layers, table = _table(records, scheme, depth, param, "expected_grad_norm")
+            if not table.size:
+                continue
+            values.append(table)
+            # Encoder and decoder are separate stacks: no line joins layer N to layer N+1.
+            enc = layers <= enc_layers
+            if enc.any():
+                _mean_band(ax, layers[enc], table[:, enc], scheme)
+            if (~enc).any():
+                _mean_band(ax, layers[~enc], table[:, ~enc], scheme,
+                           **({"label": None} if enc.any() else {}))
+        if enc_layers:
+            ax.axvline(enc_layers + 0.5, color="k", ls=":", lw=0.8)
+            ax.text(enc_layers + 0.6, 1.0, "decoder", transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=8)
+            ax.text(enc_layers + 0.4, 1.0, "encoder", transform=ax.get_xaxis_transform(),
+                    va="top", ha="right", fontsize=8)
+        _log_if_wide(ax, [v for t in values for v in t.ravel()])
+        ax.set_xlabel("layer (encoder, then decoder)" if enc_layers else "layer")
+        ax.set_ylabel("||E[grad]||_F")
+        ax.set_title(f"{PARAM_TITLES.get(param, param)}, {_depth_name(records, depth)}")
+    if len(depths) > 1:
+        ax = axes[-1]
+        from deepnorm.analysis.grad_norms import final_layer
+
+        finals = final_layer(records)
+        for scheme in schemes:
+            ds = [d for d in depths if (scheme, d) in finals]
+            table = np.stack([finals[(scheme, d)] for d in ds], axis=1)
+            _mean_band(ax, ds, table, scheme)
+        # Xiong's Theorem 1: Pre-LN's last-layer gradient scales like 1/sqrt(L).
+        if "pre" in schemes:
+            ref = np.mean(finals[("pre", depths[0])])
+            ax.plot(depths, [ref * math.sqrt(depths[0] / d) for d in depths], "k--", lw=0.8,
+                    label="1/sqrt(L)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.minorticks_off()
+        ax.set_xlabel("layers per stack L")
+        ax.set_ylabel("||E[grad W2]||_F, last layer")
+        ax.set_title("last layer's FFN output vs depth")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _depth_name(records, depth):
+    enc_dec = any("stack" in r for r in records)
+    return f"{depth}L-{depth}L" if enc_dec else f"{depth} layers"
+
+
+def plot_update_norms(records, path=None):
+    """DeepNet Fig. 4-5: ||F(x, theta_t) - F(x, theta_0)|| against step, and against depth."""
+    schemes = _ordered(r["residual"] for r in records)
+    depths = sorted({r["num_layers"] for r in records})
+    last_step = max(r["step"] for r in records)
+    by = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        by[(r["residual"], r["num_layers"])][r["seed"]][r["step"]] = r["update_norm"]
+    fig, (ax_t, ax_d) = plt.subplots(1, 2, figsize=(10, 3.8))
+    widths = np.linspace(0.8, 2.4, len(depths))
+    styles = ["-", "--", "-.", ":"]
+    for scheme in schemes:
+        for i, depth in enumerate(depths):
+            seeds = by[(scheme, depth)]
+            if not seeds:
+                continue
+            steps = sorted(next(iter(seeds.values())))[1:]
+            table = np.array([[seeds[s][t] for t in steps] for s in sorted(seeds)])
+            ax_t.plot(steps, np.nanmean(table, 0), color=color(scheme), lw=widths[i],
+                      ls=styles[i % len(styles)],
+                      label=f"{label(scheme)} {_depth_name(records, depth)}")
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("training step t")
+    ax_t.set_ylabel("||F(x, θ_t) − F(x, θ_0)||")
+    ax_t.set_title("model update during early training")
+    ax_t.legend(fontsize=7, ncol=len(schemes))
+    for scheme in schemes:
+        for step, ls in ((1, "-"), (last_step, "--")):
+            ds = [d for d in depths if by[(scheme, d)]]
+            table = np.array([[by[(scheme, d)][s][step] for d in ds]
+                              for s in sorted(by[(scheme, ds[0])])])
+            _mean_band(ax_d, ds, table, scheme, ls=ls) if ls == "-" else ax_d.plot(
+                ds, np.nanmean(table, 0), color=color(scheme), ls=ls, marker="s", ms=3)
+    ax_d.set_xscale("log")
+    ax_d.set_yscale("log")
+    ax_d.set_xticks(depths, [str(d) for d in depths])
+    ax_d.minorticks_off()
+    ax_d.set_xlabel("layers per stack L")
+    ax_d.set_ylabel("||ΔF||")
+    ax_d.set_title(f"after step 1 (solid) and step {last_step} (dashed)")
+    ax_d.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_stability_map(cells, path=None):
+    """A heatmap per warmup: rows scheme x depth, columns peak learning rate; each cell the
+    final training loss, or a cross where the run diverged."""
+    warmups = sorted({c["warmup_steps"] for c in cells})
+    lrs = sorted({c["peak_lr"] for c in cells})
+    rows = sorted({(c["residual"], c["num_layers"]) for c in cells},
+                  key=lambda r: (SCHEMES.index(r[0]) if r[0] in SCHEMES else 99, r[1]))
+    finite = [c["final_loss"] for c in cells if not c["diverged"]]
+    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    fig, axes = plt.subplots(1, len(warmups), figsize=(1.0 + 0.9 * len(lrs) * len(warmups) + 1.5,
+                                                        0.9 + 0.42 * len(rows)),
+                             squeeze=False)
+    image = None
+    for ax, warmup in zip(axes[0], warmups):
+        grid = np.full((len(rows), len(lrs)), np.nan)
+        for c in cells:
+            if c["warmup_steps"] != warmup:
+                continue
+            i, j = rows.index((c["residual"], c["num_layers"])), lrs.index(c["peak_lr"])
+            if c["diverged"]:
+                ax.text(j, i, "×", ha="center", va="center", color="k", fontsize=12)
+            else:
+                grid[i, j] = c["final_loss"]
+                ax.text(j, i, f"{c['final_loss']:.2f}", ha="center", va="center", fontsize=7)
+        image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs], rotation=45)
+        ax.set_yticks(range(len(rows)), [f"{label(s)} L={d}" for s, d in rows])
+        for tick, (scheme, _) in zip(ax.get_yticklabels(), rows):
+            tick.set_color(color(scheme))
+        ax.set_xlabel("peak learning rate (log grid)")
+        ax.set_title(f"warmup {warmup} steps")
+    fig.colorbar(image, ax=list(axes[0]), label="final training loss (× = diverged)")
+    return _save(fig, path)
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig

@@ -1,0 +1,64 @@
+"""Named schemes for the analysis: a residual placement plus the norm and init it needs.
+
+Most schemes are one ``model.residual`` value (post, pre, deepnorm, ...). A few methods in the
+literature are an *initialization* on top of a residual placement, so they get a name here:
+
+``tfixup``  T-Fixup (Huang et al. 2020): Post-LN's x + F(x) with no norm and the T-Fixup init.
+``dsinit``  DS-Init (Zhang, Titov, Sennrich 2019): Post-LN with layer l's init scaled 1/sqrt(l).
+
+``rezero`` switches the norm off, as ReZero (Bachlechner et al. 2020) has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deepnorm.config import RESIDUALS, ConfigError, TransformerConfig
+
+# scheme name -> the model fields it sets on top of the base configuration.
+PRESETS: dict[str, dict] = {
+    **{name: {"residual": name} for name in RESIDUALS},
+    "rezero": {"residual": "rezero", "norm": "none"},
+    "tfixup": {"residual": "post", "norm": "none", "init": "tfixup"},
+    "dsinit": {"residual": "post", "init": "dsinit"},
+}
+SCHEMES = tuple(PRESETS)
+
+
+def check_schemes(names) -> tuple[str, ...]:
+    """Validates scheme names; raises ConfigError naming the first unknown one."""
+    names = tuple(names)
+    if not names:
+        raise ConfigError(f"no residual scheme given; allowed: {', '.join(SCHEMES)}")
+    for name in names:
+        if name not in PRESETS:
+            raise ConfigError(f"residual scheme {name!r} is not one of {', '.join(SCHEMES)}")
+    return names
+
+
+def scheme_config(base: TransformerConfig, scheme: str, depth: int | None = None
+                  ) -> TransformerConfig:
+    """``base`` with ``scheme``'s fields and, if given, ``depth`` layers per stack.
+
+    For encoder_decoder, ``depth`` L means an L-L model (N = M = L, "6L-6L" in DeepNet). A
+    scheme that needs a norm on a base with ``norm="none"`` gets LayerNorm.
+    """
+    check_schemes([scheme])
+    fields = dict(PRESETS[scheme])
+    if "norm" not in fields and base.norm == "none":
+        fields["norm"] = "layernorm"
+    if "init" not in fields and base.init in ("tfixup", "dsinit"):
+        fields["init"] = "auto"  # the base's special init belongs to its own scheme
+    if depth is not None:
+        if base.arch == "encoder_decoder":
+            fields.update(num_encoder_layers=depth, num_decoder_layers=depth)
+        else:
+            fields["num_layers"] = depth
+    return dataclasses.replace(base, **fields)
+
+
+def depth_of(cfg: TransformerConfig) -> int:
+    """Layers per stack: L for an L-L encoder-decoder, else num_layers."""
+    if cfg.arch == "encoder_decoder":
+        return cfg.num_decoder_layers
+    return cfg.num_layers
