@@ -22,6 +22,8 @@ from deepnorm.initializers import describe
 from deepnorm.training import checkpoint as checkpoint_lib
 from deepnorm.training import divergence as divergence_lib
 from deepnorm.training import mesh as mesh_lib
+from deepnorm.training import preemption as preemption_lib
+from deepnorm.training import validation
 from deepnorm.training.data import DataSource
 from deepnorm.training.metrics import MetricsWriter
 from deepnorm.training.optim import make_optimizer
@@ -135,7 +137,7 @@ class _Evaluator:
 
     def __init__(self, data: DataSource, eval_step, num_batches: int):
         self.data, self.eval_step, self.num_batches = data, eval_step, num_batches
-        self.iterator = data.iterator("validation")
+        self.iterator = data.iterator("eval")
         self.start = self.iterator.get_state()
 
     def __call__(self, params) -> dict:
@@ -158,13 +160,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model_cfg = TransformerConfig.from_mapping(config.model)
     train = config.train
     check_train_config(train)
-    workdir = os.path.abspath(workdir)
+    # Everything is validated before the workdir is created (deepnorm.training.validation).
+    workdir = validation.check_workdir(workdir)
+    validation.check_data(config.data)
     primary = jax.process_index() == 0
-    if primary:
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"--workdir={workdir} cannot be created: {err.strerror}") from err
 
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.sharding_rules(config.mesh)
@@ -177,12 +176,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     evaluator = _Evaluator(data, jax.jit(make_eval_step(graphdef),
                                          in_shardings=(shardings.params, data.sharding)),
                            train.eval_steps)
+    if primary:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--workdir={workdir} cannot be created: {err.strerror}") from err
     checkpointer = checkpoint_lib.Checkpointer(workdir, every=train.checkpoint_every,
                                                keep=train.keep_checkpoints,
                                                async_save=train.async_checkpoints)
     abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
                                             shardings)
-    state, start_step = checkpointer.restore_latest(abstract, train_iter)
+    state, start_step = checkpointer.restore_latest(
+        abstract, train_iter, changed_keys=validation.changed_config_keys(workdir, config))
     finished = _finished_summary(workdir, start_step, train.num_steps)
     if finished is not None:
         checkpointer.close()
@@ -257,6 +262,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     pending = None  # (step, device metrics) launched but not yet looked at on the host
     step = start_step
+    preempted = None  # the line saying where a SIGTERM / SIGINT stopped the run
+    guard = preemption_lib.PreemptionGuard().install()
     try:
         while step < train.num_steps:
             batch = data.to_global(next(train_iter))
@@ -278,22 +285,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.message(f"step {step}: loss {last['loss']:.4f}, eval loss "
                                    f"{last['eval']['eval_loss']:.4f}, perplexity "
                                    f"{last['eval']['eval_perplexity']:.2f}")
+            if step < train.num_steps and guard.requested():
+                previous, pending = pending, None
+                if previous is not None and not handle(*previous):
+                    break  # diverged on this very step: nothing worth checkpointing
+                checkpointer.save(step, state, train_iter)
+                preempted = (f"preempted by {guard.signal_name} at step {step} of "
+                             f"{train.num_steps}; checkpoint {checkpointer.directory}/{step}; "
+                             "run the same command to resume")
+                break
         else:
             if pending is not None:
                 handle(*pending)
     finally:
+        guard.uninstall()
         checkpointer.close()
         writer.close()
     checkpoint_steps = checkpointer.steps()
 
     event = last["diverged"]
     summary = {
-        "status": "diverged" if event else "completed",
+        "status": "diverged" if event else "preempted" if preempted else "completed",
         "final_step": event.step if event else step,
         "final_loss": event.loss if event else last["loss"],
         "final_eval_loss": last["eval"]["eval_loss"] if last["eval"] else None,
         "final_eval_perplexity": last["eval"]["eval_perplexity"] if last["eval"] else None,
         "divergence": event.line() if event else None,
+        "preempted": preempted,
         "skipped_steps": monitor.skipped_steps,
         "resumed_from_step": start_step or None,
         "checkpoint_steps": checkpoint_steps,
@@ -306,6 +324,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     }
     if event:
         logging.error("%s", event.line())
+    if preempted:
+        logging.warning("%s", preempted)
     if primary:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
