@@ -6,7 +6,9 @@
     python train.py --config=configs/deepnorm.py:quick --workdir=/tmp/smoke   # seconds
 
 Running the same command again resumes from the workdir's last checkpoint.
-Exit codes: 0 completed, 2 bad flag or config value (one line on stderr), 3 diverged.
+Exit codes: 0 completed, or preempted (SIGTERM / SIGINT) after writing a checkpoint;
+2 bad flag, config value, workdir or corpus, or no usable checkpoint (one line on
+stderr); 3 diverged. See README, "When things go wrong".
 """
 
 import sys
@@ -70,6 +72,8 @@ def main(argv):
         _fail(str(err))
     if summary["status"] == "diverged":
         sys.exit(EXIT_DIVERGED)
+    if summary["status"] == "preempted":  # checkpointed: exit 0 so a scheduler requeues it
+        print(f"train.py: {summary['preempted']}", flush=True)
 
 
 if __name__ == "__main__":
