@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from deepnorm.config import TransformerConfig
+from deepnorm.data import default_data_config
 
 QUICK = "quick"
 
@@ -71,24 +72,8 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """``data.*``: ``deepnorm.data.default_data_config()`` (corpus, text_files, tfds_name, ...).
-
-    Until the data package exports it, the same keys with the same defaults are spelled out here.
-    """
-    try:
-        from deepnorm.data import default_data_config
-    except ImportError:
-        config = ml_collections.ConfigDict()
-        config.corpus = "stdlib"  # stdlib (Python's own sources) | text_files | tfds
-        config.text_files = config_dict.placeholder(str)  # a glob, for corpus=text_files
-        config.tfds_name = config_dict.placeholder(str)  # e.g. lm1b, for corpus=tfds
-        config.tfds_text_key = config_dict.placeholder(str)  # feature, or "source,target"
-        config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; unset = TFDS default
-        config.validation_fraction = 0.02  # share of documents (by path hash) for validation
-        config.mask_rate = 0.15  # masked LM / span corruption: share of corrupted tokens
-        config.mean_span_length = 3.0  # span corruption: mean corrupted span
-        config.num_workers = 0  # grain worker processes; 0 = read in the training process
-        return config
+    """``data.*``: ``deepnorm.data.default_data_config()``, every key commented there (corpus,
+    text_files, tfds_name, tfds_text_key, data_dir, train_split, eval_split, ...)."""
     return default_data_config()
 
 

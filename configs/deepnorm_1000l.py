@@ -4,7 +4,10 @@ compile time is that of one layer; with remat every layer is recomputed on the b
 
     python train.py --config=configs/deepnorm_1000l.py --config.train.num_steps=5 --workdir=runs/dn1000
 
-Expect: RESULT_PLACEHOLDER
+Expect (measured on the 2-core CPU machine): exit 0 in ~35 s on 2 CPU cores (2.8 M parameters,
+1,000 layers; compile included, then ~0.2 s per step); encoder alpha 5.65, beta 0.125; decoder
+alpha 6.22, beta 0.114; loss 6.98 at step 1 -> 5.05 at step 5, eval loss 5.25; a checkpoint at
+step 5.
 """
 
 from configs import base

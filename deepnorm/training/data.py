@@ -29,14 +29,17 @@ class DataSource:
         self.sharding = mesh_lib.batch_sharding(mesh)
         self.local_batch_size = config.train.batch_size // jax.process_count()
 
-    def iterator(self, split: str):
-        """A fresh iterator over ``split``; a data problem becomes one ``ConfigError`` line."""
-        train = self.config.train
+    def iterator(self, which: str):
+        """A fresh iterator over ``data.train_split`` (``which="train"``) or
+        ``data.eval_split`` (``"eval"``); a data problem becomes one ``ConfigError`` line."""
+        train, data = self.config.train, self.config.data
+        split = data.get("train_split", "train") if which == "train" else data.get(
+            "eval_split", "validation")
         try:
             return make_iterator(
                 self.config.data, task=self.task, split=split,
                 batch_size=self.local_batch_size, seq_len=train.seq_len,
-                seed=train.seed + (0 if split == "train" else 1),
+                seed=train.seed + (0 if which == "train" else 1),
                 process_index=jax.process_index(), process_count=jax.process_count())
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data ({split} split): {str(err).splitlines()[0]}") from err

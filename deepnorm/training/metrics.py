@@ -17,6 +17,7 @@ import numpy as np
 # Per-layer vectors get one TensorBoard scalar per layer up to this depth (a readable set of
 # curves); deeper stacks get a histogram over layers plus the max and the argmax layer.
 MAX_PER_LAYER_SCALARS = 64
+_TIMINGS = ("tokens_per_s", "steps_per_s")
 
 
 def to_python(value: Any) -> Any:
@@ -73,6 +74,8 @@ class MetricsWriter:
             if isinstance(value, list):
                 self._write_vector(tag, np.asarray(value, np.float64), step)
             elif isinstance(value, (int, float)):
+                if name in _TIMINGS and not math.isfinite(value):
+                    continue  # the first step has no timing yet (compilation)
                 self._tb.add_scalar(tag, value, step)
         if self._bar is not None and kind == "train":
             self._bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", refresh=False)
