@@ -267,3 +267,20 @@ def test_restoring_onto_another_mesh_8_to_1_to_8_devices(reference, tmp_path):
     summary = summary_of(workdir)
     assert summary["resumed_from_step"] == 6 and summary["mesh"]["fsdp"] == 8
     assert_same_losses(workdir, reference, exact=False)
+
+
+def test_a_non_finite_state_is_never_checkpointed(tmp_path):
+    import grain
+    import jax.numpy as jnp
+
+    from deepnorm.training.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(str(tmp_path), every=1, keep=3)
+    iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+    assert checkpointer.save(1, {"w": jnp.ones(3)}, iterator)
+    assert not checkpointer.save(2, {"w": jnp.array([1.0, jnp.nan, 1.0])}, iterator)
+    assert not checkpointer.save(3, {"w": jnp.array([jnp.inf]), "count": jnp.ones(1, int)},
+                                 iterator)
+    assert not checkpointer.save(1, {"w": jnp.ones(3)}, iterator)  # already saved
+    checkpointer.close()
+    assert checkpointer.steps() == [1]
