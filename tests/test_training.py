@@ -218,6 +218,18 @@ def test_monitor_names_the_layer_that_blew_up_first():
     assert "decoder layer 1 (at step 6)" in event.line() and "non-finite" in event.line()
 
 
+def test_monitor_says_when_every_layer_blew_up_at_once():
+    mon = divergence.DivergenceMonitor(divergence.layer_names(0, 3))
+    assert mon.observe(1, _m(3.0, [1.0, 2.0, 3.0])) is None
+    event = mon.observe(2, _m(np.nan, [np.nan] * 3, finite=False))
+    assert event.layer == "all 3 layers at once (at step 2)"
+    mon = divergence.DivergenceMonitor(divergence.layer_names(0, 3))
+    assert mon.observe(1, _m(3.0, [1.0, 1.0, 1.0])) is None
+    assert mon.observe(2, _m(4.0, [20.0, 90.0, 1.0])) is None  # two layers jump 10x+
+    event = mon.observe(3, _m(np.nan, [np.nan] * 3, finite=False))
+    assert event.layer == "decoder layer 2 (the largest jump of 2 layers at step 2)"
+
+
 def test_monitor_max_loss_and_skip_policy():
     mon = divergence.DivergenceMonitor(["decoder layer 1"], max_loss=10.0)
     assert "above train.max_loss=10" in mon.observe(1, _m(11.0, [1.0])).line()

@@ -87,7 +87,7 @@ def test_a_nan_stops_the_run_naming_the_step_and_layer(tmp_path):
     assert summary["status"] == "diverged"
     assert summary["final_step"] < 6 and not math.isfinite(summary["final_loss"])
     assert summary["divergence"].startswith(f"diverged at step {summary['final_step']}: loss=")
-    assert "non-finite" in summary["divergence"] and "decoder layer" in summary["divergence"]
+    assert "non-finite" in summary["divergence"] and "blew up first in " in summary["divergence"]
     assert all(s < summary["final_step"] for s in summary["checkpoint_steps"])
 
 

@@ -56,7 +56,8 @@ class DivergenceMonitor:
         self.max_consecutive_skips = max_consecutive_skips
         self.spike_factor, self.ema_decay, self.window = spike_factor, ema_decay, window
         self._ema: np.ndarray | None = None
-        self._events: collections.deque = collections.deque()  # (step, layer index)
+        # (step, index of the worst layer, how many layers were bad at that step)
+        self._events: collections.deque = collections.deque()
         self.consecutive_skips = 0
         self.skipped_steps = 0
 
@@ -91,15 +92,22 @@ class DivergenceMonitor:
         if bad.any():
             ratio = np.where(np.isfinite(grads), grads / np.maximum(
                 self._ema if self._ema is not None else grads, 1e-30), np.inf)
-            self._events.append((step, int(np.argmax(np.where(bad, ratio, -np.inf)))))
+            worst = int(np.argmax(np.where(bad, ratio, -np.inf)))
+            self._events.append((step, worst, int(bad.sum())))
         if finite and np.isfinite(grads).all():
             self._ema = (grads if self._ema is None
                          else self.ema_decay * self._ema + (1 - self.ema_decay) * grads)
 
     def _diverged(self, step, loss, reason, per_layer) -> Divergence:
         if self._events:
-            first_step, index = self._events[0]
-            layer = f"{self.names[index]} (at step {first_step})"
+            first_step, index, count = self._events[0]
+            if count == len(self.names) > 1:
+                layer = f"all {count} layers at once (at step {first_step})"
+            elif count > 1:
+                layer = (f"{self.names[index]} (the largest jump of {count} layers at step "
+                         f"{first_step})")
+            else:
+                layer = f"{self.names[index]} (at step {first_step})"
         elif per_layer is not None:
             grads = np.asarray(per_layer, np.float64)
             index = int(np.argmax(np.where(np.isfinite(grads), grads, np.inf)))
