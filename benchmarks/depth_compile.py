@@ -8,8 +8,12 @@ residual=deepnorm, at a fixed tiny width (d_model 64, 2 heads, d_ff 128, batch 2
 
 Compile time = wall clock of ``jax.jit(step).lower(state, batch).compile()`` on abstract
 arguments (``jax.eval_shape``: no parameters are materialised, so 1,000 layers cost no memory),
-after ``jax.clear_caches()``; the median of ``--repeats`` runs. Tracing/lowering and XLA
-compilation are printed separately; the ratio uses their sum.
+after ``jax.clear_caches()``. The depths are measured in alternation (12, 100, 1000, then
+1000, 100, 12, ...) for ``--repeats`` rounds and each reports its median, so that drift of a
+shared machine's load hits every depth alike. Tracing/lowering and XLA compilation are printed
+separately; the ratio uses their sum. The process CPU time of the same span is printed too
+(``cpu s``, all threads): on a machine shared with other jobs it is far less sensitive to their
+load than the wall clock, so the script prints the ratio of both and the load average.
 
 The anchor is the same step with ``scan_layers=False`` (a Python loop over the layers), whose
 compile time grows with depth; it is measured at ``--unrolled-depths`` and stops at the first
@@ -22,6 +26,7 @@ depth whose compile exceeds ``--unrolled-limit`` seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -60,36 +65,46 @@ def abstract_step_args(cfg: TransformerConfig):
     return graphdef, tx, state, batch
 
 
-def compile_seconds(num_layers: int, scan: bool, repeats: int) -> tuple[float, float]:
-    """Median (lowering seconds, XLA compile seconds) of one training step at this depth."""
+def compile_seconds(num_layers: int, scan: bool) -> tuple[float, float, float]:
+    """(lowering s, XLA compile s, process CPU s of both) of one training step, cold."""
     cfg = TransformerConfig(arch="decoder", num_layers=num_layers, residual="deepnorm",
                             scan_layers=scan, **WIDTH)
     graphdef, tx, state, batch = abstract_step_args(cfg)
-    lowers, compiles = [], []
-    for _ in range(repeats):
-        jax.clear_caches()
-        step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0)
-        t0 = time.perf_counter()
-        lowered = step.lower(state, batch)
-        t1 = time.perf_counter()
-        lowered.compile()
-        t2 = time.perf_counter()
-        lowers.append(t1 - t0)
-        compiles.append(t2 - t1)
-    return statistics.median(lowers), statistics.median(compiles)
+    jax.clear_caches()
+    step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0)
+    c0, t0 = time.process_time(), time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, time.perf_counter() - t1, time.process_time() - c0
 
 
-def measure(depths, scan: bool, repeats: int, limit: float | None = None) -> dict[int, float]:
+def measure(depths, scan: bool, repeats: int,
+            limit: float | None = None) -> dict[int, tuple[float, float]]:
+    """Median total compile seconds per depth, depths alternated round by round. With
+    ``limit``, the first (ascending) round stops at the first depth slower than ``limit``."""
+    samples: dict[int, list[tuple[float, float, float]]] = {}
+    active = list(depths)
+    for r in range(repeats):
+        for depth in (active if r % 2 == 0 else active[::-1]):
+            low, comp, cpu = compile_seconds(depth, scan)
+            samples.setdefault(depth, []).append((low, comp, cpu))
+            print(f"#   {'scan' if scan else 'unrolled'} {depth} layers, round {r + 1}: "
+                  f"{low + comp:.2f} s", file=sys.stderr, flush=True)
+            if r == 0 and limit is not None and low + comp > limit:
+                print(f"# unrolled compile took {low + comp:.1f} s > {limit:.0f} s at {depth} "
+                      "layers; deeper unrolled depths skipped", flush=True)
+                active = [d for d in active if d <= depth]
+                break
     totals = {}
-    for depth in depths:
-        low, comp = compile_seconds(depth, scan, repeats)
-        totals[depth] = low + comp
-        print(f"| {'scan' if scan else 'unrolled':8} | {depth:5d} | {low:7.2f} | {comp:8.2f} | "
-              f"{low + comp:7.2f} |", flush=True)
-        if limit is not None and low + comp > limit:
-            print(f"# unrolled compile took {low + comp:.1f} s > {limit:.0f} s at {depth} layers;"
-                  " deeper unrolled depths skipped", flush=True)
-            break
+    for depth in active:
+        low = statistics.median(x[0] for x in samples[depth])
+        comp = statistics.median(x[1] for x in samples[depth])
+        total = statistics.median(x[0] + x[1] for x in samples[depth])
+        cpu = statistics.median(x[2] for x in samples[depth])
+        totals[depth] = (total, cpu)
+        print(f"| {'scan' if scan else 'unrolled':8} | {depth:6d} | {low:7.2f} | {comp:9.2f} | "
+              f"{total:7.2f} | {cpu:7.2f} |", flush=True)
     return totals
 
 
@@ -101,7 +116,8 @@ def main(argv=None) -> None:
                         help="unrolled (scan_layers=False) depths, the anchor")
     parser.add_argument("--unrolled-limit", type=float, default=60.0,
                         help="stop the unrolled series after a compile slower than this (s)")
-    parser.add_argument("--repeats", type=int, default=2, help="compiles per depth (median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating rounds; each depth reports its median")
     parser.add_argument("--quick", action="store_true",
                         help="12,100 scanned and 12,24 unrolled, one repeat")
     args = parser.parse_args(argv)
@@ -114,21 +130,28 @@ def main(argv=None) -> None:
     print(f"# {' '.join(sys.argv)}")
     print(f"# train step (make_train_step: fwd + bwd + adam + per-layer diagnostics), decoder, "
           f"residual=deepnorm, d_model={WIDTH['d_model']}, heads={WIDTH['num_heads']}, "
-          f"d_ff={WIDTH['d_ff']}, batch {BATCH}x{SEQ}; median of {args.repeats} compile(s)")
-    print("| stack    | layers | lower s | compile s | total s |")
-    print("|----------|-------:|--------:|----------:|--------:|")
+          f"d_ff={WIDTH['d_ff']}, batch {BATCH}x{SEQ}; median of {args.repeats} alternating "
+          "round(s)")
+    print(f"# load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| stack    | layers | lower s | compile s | total s |   cpu s |")
+    print("|----------|-------:|--------:|----------:|--------:|--------:|")
     scanned = measure(depths, scan=True, repeats=args.repeats)
     anchor = measure(unrolled, scan=False, repeats=args.repeats, limit=args.unrolled_limit)
 
+    def ratio(table, a, b):
+        return (f"{table[a][0] / table[b][0]:.2f} wall, {table[a][1] / table[b][1]:.2f} cpu")
+
+    print(f"# load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     lo, hi = depths[0], depths[-1]
-    print(f"scan:     compile({hi})/compile({lo}) = {scanned[hi] / scanned[lo]:.2f}  (goal <= 1.5)")
+    print(f"scan:     compile({hi})/compile({lo}) = {ratio(scanned, hi, lo)}  (goal <= 1.5)")
     if len(anchor) > 1:
         a_lo, a_hi = min(anchor), max(anchor)
-        print(f"unrolled: compile({a_hi})/compile({a_lo}) = {anchor[a_hi] / anchor[a_lo]:.2f}  "
-              f"({a_hi / a_lo:.0f}x the layers)")
-        print(f"at {a_hi} layers the unrolled step compiles "
-              f"{anchor[a_hi] / scanned.get(a_hi, scanned[hi]):.1f}x slower than the scanned "
-              f"step at {a_hi if a_hi in scanned else hi} layers")
+        print(f"unrolled: compile({a_hi})/compile({a_lo}) = {ratio(anchor, a_hi, a_lo)}  "
+              f"({a_hi / a_lo:.3g}x the layers)")
+    if anchor:
+        a_hi = max(anchor)
+        print(f"unrolled at {a_hi} layers / scanned at {hi} layers = "
+              f"{ratio({0: anchor[a_hi], 1: scanned[hi]}, 0, 1)}")
 
 
 if __name__ == "__main__":
