@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--residuals", type=_schemes, default=_schemes(d["residuals"]),
                        help=f"comma-separated schemes from {', '.join(schemes_lib.SCHEMES)} "
                        f"(default {d['residuals']})")
-        p.add_argument("--depths", type=_int_list("depths"), default=_int_list("d")(d["depths"]),
-                       help=f"layers per stack, L-L for encoder_decoder (default {d['depths']})")
+        p.add_argument("--depths", type=_int_list("depths"), default=None,
+                       help="layers per stack, L-L for encoder_decoder (default: the "
+                       f"config's depth, or {d['depths']} without --config)")
         p.add_argument("--seeds", type=_positive, default=d["seeds"],
                        help=f"number of seeds 0..n-1 (default {d['seeds']})")
         p.add_argument("--batch-size", type=_positive, default=d["batch_size"])
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(rest)
     try:
         config, base = resolve_config(args.command, args.config, overrides)
+        if args.depths is None:
+            args.depths = (_int_list("depths")(DEFAULTS[args.command]["depths"])
+                           if config is None else [schemes_lib.depth_of(base)])
         for depth in args.depths:  # validate every model before any compilation
             for scheme in args.residuals:
                 schemes_lib.scheme_config(base, scheme, depth)

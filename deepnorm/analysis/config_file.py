@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+import sys
 
 from ml_collections import config_dict
 
@@ -19,6 +20,11 @@ def load_config(path: str) -> config_dict.ConfigDict:
     file, _, arg = str(path).partition(":")
     if not pathlib.Path(file).is_file():
         raise ConfigFileError(f"--config={file!r} is not a file")
+    # configs/*.py import their shared base as ``from configs import base``: make the
+    # directory holding configs/ importable, as running from the repository root does.
+    root = str(pathlib.Path(file).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"_analysis_config_{pathlib.Path(file).stem}",
                                                   file)
     module = importlib.util.module_from_spec(spec)

@@ -198,9 +198,8 @@ def plot_stability_map(cells, path=None):
                   key=lambda r: (SCHEMES.index(r[0]) if r[0] in SCHEMES else 99, r[1]))
     finite = [c["final_loss"] for c in cells if not c["diverged"]]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    fig, axes = plt.subplots(1, len(warmups), figsize=(1.0 + 0.9 * len(lrs) * len(warmups) + 1.5,
-                                                        0.9 + 0.42 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(warmups), squeeze=False,
+                             figsize=(2.5 + 0.9 * len(lrs) * len(warmups), 1.2 + 0.42 * len(rows)))
     image = None
     for ax, warmup in zip(axes[0], warmups):
         grid = np.full((len(rows), len(lrs)), np.nan)
@@ -212,15 +211,20 @@ def plot_stability_map(cells, path=None):
                 ax.text(j, i, "×", ha="center", va="center", color="k", fontsize=12)
             else:
                 grid[i, j] = c["final_loss"]
-                ax.text(j, i, f"{c['final_loss']:.2f}", ha="center", va="center", fontsize=7)
+                dark = (c["final_loss"] - vmin) > 0.5 * (vmax - vmin)  # viridis_r: high = dark
+                ax.text(j, i, f"{c['final_loss']:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if dark else "k")
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs], rotation=45)
-        ax.set_yticks(range(len(rows)), [f"{label(s)} L={d}" for s, d in rows])
-        for tick, (scheme, _) in zip(ax.get_yticklabels(), rows):
-            tick.set_color(color(scheme))
+        if ax is axes[0][0]:
+            ax.set_yticks(range(len(rows)), [f"{label(s)} L={d}" for s, d in rows])
+            for tick, (scheme, _) in zip(ax.get_yticklabels(), rows):
+                tick.set_color(color(scheme))
+        else:
+            ax.set_yticks(range(len(rows)), [""] * len(rows))
         ax.set_xlabel("peak learning rate (log grid)")
         ax.set_title(f"warmup {warmup} steps")
-    fig.colorbar(image, ax=list(axes[0]), label="final training loss (× = diverged)")
+    fig.colorbar(image, ax=list(axes[0]), label="final validation loss (× = diverged)")
     return _save(fig, path)
 
 

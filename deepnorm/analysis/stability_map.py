@@ -1,0 +1,233 @@
+"""The stability map: which residual schemes train at which depth, peak learning rate and warmup.
+
+Each cell (scheme, depth, warmup, peak lr, seed) is a short run through the training package's
+own pieces (``make_optimizer``, ``create_train_state``, ``make_train_step``,
+``make_eval_step``), recording the final validation loss or divergence (a non-finite loss or
+one above ``max_loss``, the training loop's definition). The claims it tests: Post-LN needs
+warmup and fails at depth and high learning rate (Xiong et al. 2020; Liu et al. 2020), Pre-LN
+trains without warmup (Xiong et al. 2020), DeepNorm trains deep Post-LN-style stacks (Wang et
+al. 2022, DeepNet).
+
+Speed: the learning rate is a vmapped axis. ``make_optimizer``'s updates are linear in the peak
+learning rate (AdamW's update is ``-lr * shape(t) * (adam + wd * p)``), so one optimizer built
+at lr = 1 followed by a per-lane ``scale(lr)`` is exactly each lane's own optimizer; a row of
+learning rates is then one compiled ``lax.scan`` over steps. Rows (scheme, depth, warmup) can
+run side by side in worker processes.
+
+Resumable: each finished cell is one JSON file in ``DIR/cells/``; a rerun computes only missing
+cells, so an interrupted map continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import pathlib
+import time
+
+import numpy as np
+from ml_collections import config_dict
+
+from deepnorm.analysis import schemes as schemes_lib
+
+# Without --config: AdamW as in DeepNet (betas 0.9, 0.98), linear warmup then a constant rate,
+# so every step after warmup runs at the cell's peak learning rate.
+DEFAULT_OPTIMIZER = dict(learning_rate=1.0, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
+                         warmup_steps=0, schedule="constant", grad_clip_norm=0.0,
+                         label_smoothing=0.0)
+DEFAULT_MAX_LOSS = 100.0
+EVAL_BATCHES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """Cells sharing one compiled program: everything but the learning rate and seed."""
+
+    scheme: str
+    depth: int
+    warmup_steps: int
+
+
+def cell_key(scheme, depth, warmup_steps, peak_lr, seed) -> str:
+    """The file name of one cell's result (stable across runs, so reruns find it)."""
+    return f"{scheme}_L{depth}_w{warmup_steps}_lr{peak_lr:.3g}_s{seed}"
+
+
+def _optimizer_config(config):
+    base = dict(DEFAULT_OPTIMIZER)
+    if config is not None and "optimizer" in config:
+        base.update(config.optimizer.to_dict())
+    return config_dict.ConfigDict(base)
+
+
+def lane_optimizer(opt_config, warmup_steps: int, num_steps: int):
+    """``make_optimizer`` at learning rate 1 chained with a per-lane ``scale(lr)``.
+
+    Returns (tx, set_lr): ``set_lr(opt_state, lr)`` writes a lane's peak learning rate into its
+    optimizer state (the injected scale's hyperparameter).
+    """
+    import optax
+
+    from deepnorm.training.optim import make_optimizer
+
+    unit = config_dict.ConfigDict(opt_config.to_dict())
+    unit.learning_rate = 1.0
+    unit.warmup_steps = warmup_steps
+    tx_unit, _ = make_optimizer(unit, num_steps)
+    tx = optax.chain(tx_unit, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+    def set_lr(opt_state, lr):
+        inner, scale_state = opt_state
+        hyper = dict(scale_state.hyperparams, step_size=lr)
+        return (inner, scale_state._replace(hyperparams=hyper))
+
+    return tx, set_lr
+
+
+def run_row(base_cfg, config, row: Row, lrs, seeds, *, num_steps, batch_size, seq_len,
+            max_loss=DEFAULT_MAX_LOSS) -> list[dict]:
+    """Trains every (lr, seed) lane of ``row`` at once; returns one result per lane."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepnorm.analysis.batches import stacked_batches
+    from deepnorm.training.state import create_train_state
+    from deepnorm.training.steps import make_eval_step, make_train_step
+
+    cfg = schemes_lib.scheme_config(base_cfg, row.scheme, row.depth)
+    opt_config = _optimizer_config(config)
+    data_config = None if config is None else config.get("data")
+    tx, set_lr = lane_optimizer(opt_config, row.warmup_steps, num_steps)
+    train = stacked_batches(data_config, arch=cfg.arch, num_batches=num_steps,
+                            batch_size=batch_size, seq_len=seq_len, seed=0)
+    valid = stacked_batches(data_config, arch=cfg.arch, num_batches=EVAL_BATCHES,
+                            batch_size=batch_size, seq_len=seq_len, seed=1, split="validation")
+    lanes = [(lr, seed) for lr in lrs for seed in seeds]
+    states = []
+    for seed in seeds:
+        first_batch = {k: jnp.asarray(v[0]) for k, v in train.items()}
+        graphdef, state = create_train_state(cfg, tx, seed, admin_batch=first_batch)
+        states.append(state)
+    lane_states = [states[seeds.index(seed)].replace(
+        opt_state=set_lr(states[seeds.index(seed)].opt_state, jnp.float32(lr)))
+        for lr, seed in lanes]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *lane_states)
+    train_step = make_train_step(graphdef, tx, diagnostics=False,
+                                 label_smoothing=float(opt_config.label_smoothing))
+    eval_step = make_eval_step(graphdef)
+
+    @jax.jit
+    def run(state, train_batches, valid_batches):
+        def body(s, batch):
+            s, metrics = jax.vmap(train_step, in_axes=(0, None))(s, batch)
+            return s, metrics["loss"]
+
+        state, losses_TxN = jax.lax.scan(body, state, train_batches)
+
+        def evaluate(params):
+            def one(batch):
+                m = eval_step(params, batch)
+                return m["nll_sum"], m["num_tokens"]
+            sums, counts = jax.lax.map(one, valid_batches)
+            return jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1.0)
+
+        return losses_TxN, jax.vmap(evaluate)(state.params)
+
+    start = time.perf_counter()
+    losses_TxN, eval_N = jax.device_get(run(stacked, jax.tree.map(jnp.asarray, train),
+                                            jax.tree.map(jnp.asarray, valid)))
+    seconds = time.perf_counter() - start
+    results = []
+    for n, (lr, seed) in enumerate(lanes):
+        losses = losses_TxN[:, n]
+        bad = ~np.isfinite(losses) | (losses > max_loss)
+        diverged_at = int(np.argmax(bad)) + 1 if bad.any() else None
+        final = float(eval_N[n])
+        results.append({
+            "residual": row.scheme, "num_layers": row.depth, "warmup_steps": row.warmup_steps,
+            "peak_lr": float(lr), "seed": seed, "num_steps": num_steps,
+            "diverged": bool(bad.any() or not np.isfinite(final)),
+            "diverged_at_step": diverged_at,
+            "final_loss": final if np.isfinite(final) else None,
+            "final_train_loss": float(np.mean(losses[-max(1, num_steps // 10):])),
+            "initial_loss": float(losses[0]),
+            "row_seconds": round(seconds, 2),
+        })
+    return results
+
+
+def _row_worker(args):
+    """Entry point of a worker process: one row, written cell by cell."""
+    base_cfg, config_dict_, row, lrs, seeds, kwargs, cells_dir = args
+    config = None if config_dict_ is None else config_dict.ConfigDict(config_dict_)
+    results = run_row(base_cfg, config, row, lrs, seeds, **kwargs)
+    for r in results:
+        write_cell(cells_dir, r)
+    return results
+
+
+def write_cell(cells_dir: pathlib.Path, result: dict) -> None:
+    """Writes one cell atomically (a crash never leaves a half-written file to be trusted)."""
+    key = cell_key(result["residual"], result["num_layers"], result["warmup_steps"],
+                   result["peak_lr"], result["seed"])
+    tmp = cells_dir / f"{key}.json.tmp"
+    tmp.write_text(json.dumps(result))
+    tmp.replace(cells_dir / f"{key}.json")
+
+
+def read_cell(cells_dir: pathlib.Path, key: str) -> dict | None:
+    path = cells_dir / f"{key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run(base_cfg, config, *, out, schemes, depths, lrs, warmups, num_steps, batch_size,
+        seq_len, seeds=(0,), workers=1, log=print) -> list[dict]:
+    """Every cell of schemes x depths x warmups x lrs x seeds, computing only missing ones."""
+    cells_dir = pathlib.Path(out) / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    max_loss = DEFAULT_MAX_LOSS
+    if config is not None and "train" in config and "max_loss" in config.train:
+        max_loss = float(config.train.max_loss)
+    kwargs = dict(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
+                  max_loss=max_loss)
+    jobs = []
+    for scheme in schemes:
+        for depth in depths:
+            for warmup in warmups:
+                row = Row(scheme, depth, warmup)
+                missing = [lr for lr in lrs if any(
+                    read_cell(cells_dir, cell_key(scheme, depth, warmup, lr, s)) is None
+                    for s in seeds)]
+                if missing:
+                    jobs.append((row, missing))
+    done = len(schemes) * len(depths) * len(warmups) - len(jobs)
+    log(f"stability-map: {len(jobs)} rows to run, {done} already finished in {cells_dir}")
+    plain = None if config is None else config.to_dict()
+    args = [(base_cfg, plain, row, missing, seeds, kwargs, cells_dir) for row, missing in jobs]
+    if workers > 1 and len(args) > 1:
+        # spawn: a forked JAX process is unsafe; each worker starts its own runtime.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for (row, _), results in zip(jobs, pool.map(_row_worker, args)):
+                log(f"  {row.scheme} L={row.depth} warmup={row.warmup_steps}: "
+                    f"{results[0]['row_seconds']:.1f}s")
+    else:
+        for a in args:
+            results = _row_worker(a)
+            log(f"  {a[2].scheme} L={a[2].depth} warmup={a[2].warmup_steps}: "
+                f"{results[0]['row_seconds']:.1f}s")
+    cells = []
+    for scheme in schemes:
+        for depth in depths:
+            for warmup in warmups:
+                for lr in lrs:
+                    for seed in seeds:
+                        cell = read_cell(cells_dir, cell_key(scheme, depth, warmup, lr, seed))
+                        if cell is None:
+                            raise RuntimeError(f"cell {scheme} L={depth} warmup={warmup} "
+                                               f"lr={lr} seed={seed} was not written")
+                        cells.append(cell)
+    return cells
