@@ -1,0 +1,17 @@
+"""Why deep Transformers train or diverge, measured: the papers' figures as functions.
+
+``grad_norms``     expected gradient norm per layer at initialization (Xiong et al. 2020, Fig. 3)
+``update_norms``   ||F(x, theta_t) - F(x, theta_0)|| in early training (Wang et al. 2022, Fig. 4-5)
+``stability_map``  final loss or divergence over scheme x depth x learning rate x warmup
+``plotting``       their figures, one fixed colour per residual scheme
+
+The same functions back the CLI (``python -m deepnorm.analysis COMMAND --out=DIR``) and the
+notebooks in notebooks/.
+"""
+
+from deepnorm.analysis import grad_norms, plotting, stability_map, update_norms
+from deepnorm.analysis.batches import first, stacked_batches
+from deepnorm.analysis.schemes import SCHEMES, scheme_config
+
+__all__ = ["SCHEMES", "first", "grad_norms", "plotting", "scheme_config", "stability_map",
+           "stacked_batches", "update_norms"]

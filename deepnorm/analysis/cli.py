@@ -43,11 +43,11 @@ DEFAULT_MODELS = {
 DEFAULTS = {
     "grad-norms": dict(residuals="post,pre,deepnorm", depths="6", seeds=3, batches=16,
                        batch_size=16, seq_len=64, lr=1e-3),
-    "update-norms": dict(residuals="post,pre,deepnorm", depths="6,18,36", seeds=2, batches=8,
-                         batch_size=8, seq_len=32, lr=5e-4, steps=20),
+    "update-norms": dict(residuals="post,pre,deepnorm", depths="6,12,24,48", seeds=2,
+                         batches=4, batch_size=8, seq_len=32, lr=5e-4, steps=20),
     "stability-map": dict(residuals="post,pre,deepnorm", depths="6,18", seeds=1, batches=0,
-                          batch_size=16, seq_len=64, lrs="1e-4,3e-4,1e-3,3e-3",
-                          warmups="0,50", steps=200),
+                          batch_size=8, seq_len=32, lrs="3e-4,1e-3,3e-3,1e-2",
+                          warmups="0,50", steps=150),
 }
 
 

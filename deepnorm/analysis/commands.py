@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pathlib
 
-from deepnorm.analysis import grad_norms, plotting, update_norms
-from deepnorm.analysis.batches import first, stacked_batches
+import matplotlib
+
+matplotlib.use("Agg")  # the CLI writes files; never open a window
+
+from deepnorm.analysis import grad_norms, plotting, update_norms  # noqa: E402
+from deepnorm.analysis.batches import first, stacked_batches  # noqa: E402
 
 
 def run(command: str, args, base, data_config, config, out: pathlib.Path) -> list[dict]:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # files, not windows; notebooks display the returned figure themselves
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from deepnorm.analysis.schemes import SCHEMES  # noqa: E402
+from deepnorm.analysis.schemes import SCHEMES
 
 # One colour per scheme, the same in every figure: the three the papers compare get the
 # strongest colours (Post-LN red, Pre-LN blue, DeepNorm green).
@@ -164,7 +161,7 @@ def plot_update_norms(records, path=None):
             table = np.array([[seeds[s][t] for t in steps] for s in sorted(seeds)])
             ax_t.plot(steps, np.nanmean(table, 0), color=color(scheme), lw=widths[i],
                       ls=styles[i % len(styles)],
-                      label=f"{label(scheme)} {_depth_name(records, depth)}")
+                      label=f"{label(scheme)} L={depth}")
     ax_t.set_yscale("log")
     ax_t.set_xlabel("training step t")
     ax_t.set_ylabel("||F(x, θ_t) − F(x, θ_0)||")
@@ -181,7 +178,7 @@ def plot_update_norms(records, path=None):
     ax_d.set_yscale("log")
     ax_d.set_xticks(depths, [str(d) for d in depths])
     ax_d.minorticks_off()
-    ax_d.set_xlabel("layers per stack L")
+    ax_d.set_xlabel("layers per stack L (L-L for encoder-decoder)")
     ax_d.set_ylabel("||ΔF||")
     ax_d.set_title(f"after step 1 (solid) and step {last_step} (dashed)")
     ax_d.legend(fontsize=8)
