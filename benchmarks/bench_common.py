@@ -1,0 +1,192 @@
+"""Shared pieces of the benchmarks: machine description, alternating timer, a JAX train step,
+and the model-FLOP count.
+
+Timing rules every script follows: each candidate is compiled and warmed up first, then the
+candidates run in alternation (A, B, A, B, ...) so that drift of the machine (frequency, other
+load) hits all of them alike, and the reported figure is the median over those runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from deepnorm import Transformer, TransformerConfig
+from deepnorm.training.loss import loss_fn
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu prints it (falls back to platform.processor())."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    """One line naming the machine, the software and the date, printed above every table."""
+    dev = jax.devices()[0]
+    where = (f"{dev.platform}: {getattr(dev, 'device_kind', '')}" if dev.platform != "cpu"
+             else f"cpu: {cpu_model()}, {os.cpu_count()} cores")
+    return (f"# {where}; jax {jax.__version__}; {datetime.date.today().isoformat()}; "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def median_seconds(fn: Callable[[], None], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (``fn`` must block on its result)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Median seconds per call: wall clock, and CPU time of the whole process (all threads).
+
+    CPU time is the work done whatever else the machine runs; on a shared machine, where
+    other jobs take cores, wall time grows but CPU time barely moves, so both are printed.
+    """
+
+    wall: float
+    cpu: float
+
+
+def alternate(runners: dict[str, Callable[[], None]], rounds: int) -> dict[str, Timing]:
+    """Runs each runner once per round, in turn; returns each one's median time per call.
+
+    Every runner is called once before timing starts (warm-up: compilation, allocator, caches).
+    """
+    for run in runners.values():
+        run()
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(rounds):
+        # Reverse the order every other round so neither side always runs right after the other.
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            runners[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name]))
+            for name in runners}
+
+
+def random_batch(cfg: TransformerConfig, batch: int, seq: int, seed: int = 0) -> dict:
+    """A batch of random non-pad tokens (ids 1..V-1) with all weights 1, as numpy arrays."""
+    rng = np.random.default_rng(seed)
+    tok = lambda: rng.integers(1, cfg.vocab_size, (batch, seq), dtype=np.int32)  # noqa: E731
+    out = {"inputs": tok(), "targets": tok(), "weights": np.ones((batch, seq), np.float32)}
+    if cfg.arch == "encoder_decoder":
+        out["decoder_inputs"] = tok()
+    return out
+
+
+class JaxTrainer:
+    """params + Adam state and one jitted, buffer-donating training step of the deepnorm model.
+
+    The step is the plain one the training loop runs without diagnostics: loss_fn, grad, Adam.
+    ``run(n)`` does n steps and blocks on the result, so it can be timed from the outside.
+    """
+
+    def __init__(self, cfg: TransformerConfig, batch: dict, *, lr: float = 1e-4, seed: int = 0):
+        model = Transformer(cfg, rngs=nnx.Rngs(seed))
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.tx = optax.adam(lr)
+        self.state = (params, self.tx.init(params))
+        self.batch = jax.device_put(batch)
+        graphdef, tx = self.graphdef, self.tx
+
+        def step(state, batch):
+            params, opt_state = state
+
+            def loss(p):
+                return loss_fn(nnx.merge(graphdef, p), batch)[0]
+
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        self.step = jax.jit(step, donate_argnums=0)
+        self.lowered = None
+
+    def compile(self):
+        """Compiles the step (and keeps the compiled object for memory_analysis)."""
+        self.lowered = self.step.lower(self.state, self.batch)
+        return self.lowered.compile()
+
+    def run(self, n: int = 1) -> float:
+        loss = None
+        for _ in range(n):
+            self.state, loss = self.step(self.state, self.batch)
+        return float(loss)  # blocks until the last step is done
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.state[0]))
+
+
+def forward_flops(cfg: TransformerConfig, batch: int, seq: int, dec_seq: int | None = None) -> int:
+    """Matmul FLOPs of one forward pass (2 per multiply-add), counted from the shapes.
+
+    Per layer with n = batch * seq tokens, sequence length T, width d, FFN width f:
+      q, k, v, o projections   8 n d^2
+      scores QK^T and A V       4 n T d      (the full T x T matrix: XLA computes it all,
+                                              also under a causal mask)
+      feed-forward              4 n d f
+    A decoder layer of encoder_decoder adds cross-attention: q, o on its n_t tokens
+    (4 n_t d^2), k, v on the n_s encoder tokens (4 n_s d^2), scores 4 n_t T_s d.
+    Plus the output head 2 n d V on the tokens whose logits are computed. Norms, softmax,
+    activations, the optimizer and the embedding gather are not counted (the usual MFU
+    convention, Chowdhery et al. 2022, PaLM appendix B).
+    """
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+
+    def layer(n, t):
+        return 8 * n * d * d + 4 * n * t * d + 4 * n * d * f
+
+    if cfg.arch != "encoder_decoder":
+        n = batch * seq
+        return cfg.num_layers * layer(n, seq) + 2 * n * d * v
+    t_dec = dec_seq or seq
+    n_s, n_t = batch * seq, batch * t_dec
+    enc = cfg.num_encoder_layers * layer(n_s, seq)
+    cross = 4 * n_t * d * d + 4 * n_s * d * d + 4 * n_t * seq * d
+    dec = cfg.num_decoder_layers * (layer(n_t, t_dec) + cross)
+    return enc + dec + 2 * n_t * d * v
+
+
+def train_flops(cfg: TransformerConfig, batch: int, seq: int, dec_seq: int | None = None) -> int:
+    """Model FLOPs of one training step: forward + backward = 3 x forward (the backward pass
+    computes two matmuls per forward matmul). Rematerialised recomputation is NOT counted:
+    it is work the hardware does, but not model FLOPs (MFU, not HFU)."""
+    return 3 * forward_flops(cfg, batch, seq, dec_seq)
+
+
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+    """The machine's measured matmul rate: an n^3 matmul through XLA, FLOP/s (median)."""
+    key = jax.random.PRNGKey(0)
+    a = jax.random.normal(key, (n, n), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
+    mm = jax.jit(jnp.dot)
+    mm(a, b).block_until_ready()
+    t = median_seconds(lambda: mm(a, b).block_until_ready(), repeats)
+    return 2 * n ** 3 / t

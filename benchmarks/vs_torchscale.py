@@ -1,0 +1,119 @@
+"""Training-step throughput of the deepnorm model against torchscale's DeepNet, same shapes.
+
+    pip install -e ".[bench]" && pip install --no-deps torchscale==0.3.0   # see README.md here
+    python benchmarks/vs_torchscale.py            # full run (~10 min on 2 cores)
+    python benchmarks/vs_torchscale.py --quick    # smoke run (~1 min)
+
+Both sides compute the same thing (checked by the printed parameter counts and initial losses):
+token embedding x sqrt(d) + fixed sinusoidal positions -> L Post-LN DeepNorm layers
+x <- LN(alpha x + F(x)) (4 heads, d_ff = 4 d, GELU, biases, pad mask on the keys) -> output head
+tied to the embedding -> mean token cross-entropy -> Adam (lr 1e-4). float32, dropout 0, batch
+8 x 64 tokens of random non-pad ids. torchscale: Encoder / EncoderDecoder with deepnorm=True,
+eager mode, fused Adam (its fastest CPU optimizer), no activation checkpointing. deepnorm: one
+jitted step (loss_fn, grad, optax.adam) with donated buffers; the model also computes its
+per-layer residual statistics (aux), which torchscale does not, so that work counts against
+deepnorm. Differences that do not change the FLOPs: torchscale's init (see DESIGN.md) and the
+layer-count-dependent alpha; both sides use the same alpha formula per architecture.
+
+Threads: torch.set_num_threads(os.cpu_count()); XLA:CPU uses its default pool (all cores).
+Process settings (benchmarks/cpu_env.py, shared by both sides): malloc huge pages and
+OMP_WAIT_POLICY=PASSIVE. Each row also gives the ratio of CPU time per step (all threads),
+which other jobs on a shared machine move much less than wall time.
+Timing: both compiled/warmed up, then alternating rounds (A B, B A, ...) of ``--steps`` steps
+each, median over ``--rounds`` rounds. Prints tokens/s per side and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_env  # noqa: E402
+
+if __name__ == "__main__":
+    # Both frameworks share the process, so both get these. OMP_WAIT_POLICY=PASSIVE: torch's
+    # OpenMP workers sleep instead of spinning at barriers; on a machine where other jobs hold
+    # cores, spinning made torchscale's step 3-5x slower (RESULTS.md, "torch threads").
+    cpu_env.reexec_with_hugepages({"OMP_WAIT_POLICY": "PASSIVE"})
+
+import bench_common as bc  # noqa: E402
+import torchscale_side as ts  # noqa: E402
+from deepnorm import TransformerConfig  # noqa: E402
+from deepnorm.transformer import sinusoidal_positions  # noqa: E402
+
+# (name, arch, d_model, encoder layers, decoder layers)
+SHAPES = [
+    ("enc d=64 L=100", "encoder", 64, 100, 0),
+    ("enc d=256 L=24", "encoder", 256, 24, 0),
+    ("enc d=512 L=12", "encoder", 512, 12, 0),
+    ("enc-dec d=256 6+6", "encoder_decoder", 256, 6, 6),
+]
+BATCH, SEQ, HEADS, VOCAB = 8, 64, 4, 260
+
+
+def model_config(arch: str, d: int, n: int, m: int, remat: str) -> TransformerConfig:
+    layers = (dict(num_layers=n) if arch == "encoder"
+              else dict(num_encoder_layers=n, num_decoder_layers=m))
+    return TransformerConfig(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, vocab_size=VOCAB,
+                             norm="layernorm", residual="deepnorm", dropout_rate=0.0,
+                             dtype="float32", remat_policy=remat, **layers)
+
+
+def main(argv=None) -> float:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, few rounds")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds per shape")
+    p.add_argument("--steps", type=int, default=3, help="training steps per round and side")
+    p.add_argument("--remat", default="none", help="deepnorm model.remat_policy to measure")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    args = p.parse_args(argv)
+    shapes = SHAPES
+    if args.quick:
+        shapes, args.rounds, args.steps = [SHAPES[0], SHAPES[3]], 3, 1
+    ts.set_threads(args.threads)
+
+    print(bc.machine_line() + f"; {cpu_env.describe()}; load avg {os.getloadavg()[0]:.1f}")
+    print(f"# torch {ts.torch.__version__} threads={args.threads} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; XLA default pool; "
+          f"batch {BATCH}x{SEQ}; deepnorm remat_policy={args.remat}; "
+          f"median of {args.rounds} alternating rounds x {args.steps} steps")
+    print(f"{'shape':<19}{'params':>11}{'loss0 jax/torch':>17}{'deepnorm ms':>13}"
+          f"{'torchscale ms':>15}{'deepnorm tok/s':>16}{'torchscale tok/s':>18}{'ratio':>7}"
+          f"{'cpu-time ratio':>16}")
+    ratios, cpu_ratios = [], []
+    for name, arch, d, n, m in shapes:
+        cfg = model_config(arch, d, n, m, args.remat)
+        batch = bc.random_batch(cfg, BATCH, SEQ)
+        jx = bc.JaxTrainer(cfg, batch)
+        th = ts.TorchscaleTrainer(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, layers=n,
+                                  dec_layers=m, vocab=VOCAB, batch=batch,
+                                  positions=sinusoidal_positions(SEQ, d))
+        if jx.num_params() != th.num_params():
+            raise SystemExit(f"{name}: parameter counts differ: deepnorm {jx.num_params()} vs "
+                             f"torchscale {th.num_params()}")
+        loss0 = (jx.run(1), th.run(1))
+        t = bc.alternate({"jax": lambda: jx.run(args.steps),
+                          "torch": lambda: th.run(args.steps)}, args.rounds)
+        tokens = BATCH * SEQ * (2 if arch == "encoder_decoder" else 1)
+        j_ms, t_ms = (t[k].wall / args.steps * 1e3 for k in ("jax", "torch"))
+        ratio, cpu_ratio = t_ms / j_ms, t["torch"].cpu / t["jax"].cpu
+        ratios.append(ratio)
+        cpu_ratios.append(cpu_ratio)
+        print(f"{name:<19}{jx.num_params():>11,}{loss0[0]:>9.3f}/{loss0[1]:<7.3f}{j_ms:>13.1f}"
+              f"{t_ms:>15.1f}{tokens / j_ms * 1e3:>16,.0f}{tokens / t_ms * 1e3:>18,.0f}"
+              f"{ratio:>6.2f}x{cpu_ratio:>15.2f}x", flush=True)
+        del jx, th
+    print(f"# matmul 2048^3 float32 on this machine: XLA {bc.matmul_peak_flops() / 1e9:.0f} "
+          f"GFLOP/s, torch {ts.matmul_rate() / 1e9:.0f} GFLOP/s")
+    print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs on the machine)")
+    worst = min(ratios)
+    print(f"RATIO deepnorm/torchscale tokens/s: min {worst:.2f}x over {len(ratios)} shapes "
+          f"(goal >= 2.00x: {'met' if worst >= 2 else 'NOT met'}); CPU time per step: "
+          f"min {min(cpu_ratios):.2f}x")
+    return worst
+
+
+if __name__ == "__main__":
+    main()
