@@ -4,8 +4,8 @@ torchscale 0.3.0 (Microsoft's DeepNet code) imports ``timm.models.layers.drop_pa
 time only for stochastic depth. timm 0.6.13 in turn imports torchvision, and PyPI's torchvision
 does not load beside the CPU build of torch 2.13.0 on this machine ("operator torchvision::nms
 does not exist"). So the ``bench`` extra does not install timm (torchscale is installed with
-``--no-deps``, see benchmarks/README.md) and, when timm is missing, this module registers a
-stand-in ``timm.models.layers`` whose ``drop_path`` raises: the benchmark uses
+``--no-deps``, see benchmarks/README.md) and, when timm is missing or fails to import, this
+module registers a stand-in ``timm.models.layers`` whose ``drop_path`` raises: the benchmark uses
 drop_path_rate=0, where torchscale never builds a DropPath, so the stand-in is never called.
 """
 
@@ -23,7 +23,12 @@ import torch
 
 def _install_timm_stand_in() -> None:
     if importlib.util.find_spec("timm") is not None:
-        return
+        try:
+            from timm.models.layers import drop_path  # noqa: F401
+            return
+        except Exception:  # noqa: BLE001 - timm present but its torchvision import fails
+            for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+                del sys.modules[name]
 
     def drop_path(*args, **kwargs):
         raise RuntimeError("timm stand-in: drop_path is unavailable; keep drop_path_rate=0")
@@ -142,3 +147,10 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
+
+
+def build(kwargs: dict) -> TorchscaleTrainer:
+    """A TorchscaleTrainer from plain arguments, with the thread count set (for a Worker)."""
+    kwargs = dict(kwargs)
+    set_threads(kwargs.pop("threads"))
+    return TorchscaleTrainer(**kwargs)

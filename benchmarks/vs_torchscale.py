@@ -16,16 +16,20 @@ deepnorm. Differences that do not change the FLOPs: torchscale's init (see DESIG
 layer-count-dependent alpha; both sides use the same alpha formula per architecture.
 
 Threads: torch.set_num_threads(os.cpu_count()); XLA:CPU uses its default pool (all cores).
-Process settings (benchmarks/cpu_env.py, shared by both sides): malloc huge pages and
-OMP_WAIT_POLICY=PASSIVE. Each row also gives the ratio of CPU time per step (all threads),
+Process settings (benchmarks/cpu_env.py, both sides): malloc huge pages. torch runs in two
+workers, OMP_WAIT_POLICY unset (libgomp spins a while, then sleeps) and PASSIVE (sleep), and each
+row takes the faster of the two: on a machine shared with other jobs spinning OpenMP threads
+made torchscale's step several times slower, on a quiet one spinning is faster. Each row also gives the ratio of CPU time per step (all threads),
 which other jobs on a shared machine move much less than wall time.
-Timing: both compiled/warmed up, then alternating rounds (A B, B A, ...) of ``--steps`` steps
-each, median over ``--rounds`` rounds. Prints tokens/s per side and the ratio.
+Timing: each side in its own process (bench_common.Worker: two frameworks' thread pools in one
+process slow each other down), both compiled/warmed up, then alternating rounds (A B, B A, ...)
+of ``--steps`` steps each with a 50 ms pause between turns, median over ``--rounds`` rounds. Prints tokens/s per side and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -33,10 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_env  # noqa: E402
 
 if __name__ == "__main__":
-    # Both frameworks share the process, so both get these. OMP_WAIT_POLICY=PASSIVE: torch's
-    # OpenMP workers sleep instead of spinning at barriers; on a machine where other jobs hold
-    # cores, spinning made torchscale's step 3-5x slower (RESULTS.md, "torch threads").
-    cpu_env.reexec_with_hugepages({"OMP_WAIT_POLICY": "PASSIVE"})
+    cpu_env.reexec_with_hugepages()  # inherited by both sides' worker processes
 
 import bench_common as bc  # noqa: E402
 import torchscale_side as ts  # noqa: E402
@@ -64,9 +65,10 @@ def model_config(arch: str, d: int, n: int, m: int, remat: str) -> TransformerCo
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, few rounds")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds per shape")
-    p.add_argument("--steps", type=int, default=3, help="training steps per round and side")
-    p.add_argument("--remat", default="none", help="deepnorm model.remat_policy to measure")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per shape")
+    p.add_argument("--steps", type=int, default=2, help="training steps per round and side")
+    p.add_argument("--remat", default="save_dots",
+                   help="deepnorm model.remat_policy (save_dots is the fastest on CPU: RESULTS.md)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = p.parse_args(argv)
     shapes = SHAPES
@@ -74,9 +76,9 @@ def main(argv=None) -> float:
         shapes, args.rounds, args.steps = [SHAPES[0], SHAPES[3]], 3, 1
     ts.set_threads(args.threads)
 
-    print(bc.machine_line() + f"; {cpu_env.describe()}; load avg {os.getloadavg()[0]:.1f}")
+    print(bc.machine_line() + f"; {cpu_env.describe()}")
     print(f"# torch {ts.torch.__version__} threads={args.threads} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; XLA default pool; "
+          f"(OMP_WAIT_POLICY: the faster of unset / PASSIVE per shape); XLA default pool; "
           f"batch {BATCH}x{SEQ}; deepnorm remat_policy={args.remat}; "
           f"median of {args.rounds} alternating rounds x {args.steps} steps")
     print(f"{'shape':<19}{'params':>11}{'loss0 jax/torch':>17}{'deepnorm ms':>13}"
@@ -86,25 +88,39 @@ def main(argv=None) -> float:
     for name, arch, d, n, m in shapes:
         cfg = model_config(arch, d, n, m, args.remat)
         batch = bc.random_batch(cfg, BATCH, SEQ)
-        jx = bc.JaxTrainer(cfg, batch)
-        th = ts.TorchscaleTrainer(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, layers=n,
-                                  dec_layers=m, vocab=VOCAB, batch=batch,
-                                  positions=sinusoidal_positions(SEQ, d))
-        if jx.num_params() != th.num_params():
-            raise SystemExit(f"{name}: parameter counts differ: deepnorm {jx.num_params()} vs "
-                             f"torchscale {th.num_params()}")
-        loss0 = (jx.run(1), th.run(1))
-        t = bc.alternate({"jax": lambda: jx.run(args.steps),
-                          "torch": lambda: th.run(args.steps)}, args.rounds)
+        jx = bc.Worker(bc.build_jax_trainer, dataclasses.asdict(cfg), batch)
+        torch_args = dict(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, layers=n,
+                          dec_layers=m, vocab=VOCAB, batch=batch,
+                          positions=sinusoidal_positions(SEQ, d), threads=args.threads)
+        # torch gets its better OpenMP wait policy per shape: spinning workers (the default)
+        # are faster on a quiet machine and several times slower when other jobs hold cores.
+        workers = {"jax": jx}
+        for policy in ("default", "PASSIVE"):  # the env is inherited by the spawned worker
+            os.environ.pop("OMP_WAIT_POLICY", None)
+            if policy == "PASSIVE":
+                os.environ["OMP_WAIT_POLICY"] = policy
+            workers[policy] = bc.Worker(ts.build, torch_args)
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        th = workers["default"]
+        if jx.num_params != th.num_params:
+            raise SystemExit(f"{name}: parameter counts differ: deepnorm {jx.num_params} vs "
+                             f"torchscale {th.num_params}")
+        loss0 = (jx.loss0, th.loss0)
+        t = bc.alternate_workers(workers, args.rounds, args.steps)
+        best = min(("default", "PASSIVE"), key=lambda k: t[k].wall)
+        t["torch"] = t[best]
         tokens = BATCH * SEQ * (2 if arch == "encoder_decoder" else 1)
         j_ms, t_ms = (t[k].wall / args.steps * 1e3 for k in ("jax", "torch"))
         ratio, cpu_ratio = t_ms / j_ms, t["torch"].cpu / t["jax"].cpu
         ratios.append(ratio)
         cpu_ratios.append(cpu_ratio)
-        print(f"{name:<19}{jx.num_params():>11,}{loss0[0]:>9.3f}/{loss0[1]:<7.3f}{j_ms:>13.1f}"
+        print(f"{name:<19}{jx.num_params:>11,}{loss0[0]:>9.3f}/{loss0[1]:<7.3f}{j_ms:>13.1f}"
               f"{t_ms:>15.1f}{tokens / j_ms * 1e3:>16,.0f}{tokens / t_ms * 1e3:>18,.0f}"
-              f"{ratio:>6.2f}x{cpu_ratio:>15.2f}x", flush=True)
-        del jx, th
+              f"{ratio:>6.2f}x{cpu_ratio:>15.2f}x  (torch OMP {best}; other policy "
+              f"{t['PASSIVE' if best == 'default' else 'default'].wall / args.steps * 1e3:.0f} ms)",
+              flush=True)
+        for w in workers.values():
+            w.close()
     print(f"# matmul 2048^3 float32 on this machine: XLA {bc.matmul_peak_flops() / 1e9:.0f} "
           f"GFLOP/s, torch {ts.matmul_rate() / 1e9:.0f} GFLOP/s")
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs on the machine)")
