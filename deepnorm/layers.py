@@ -32,6 +32,45 @@ class Dense(nnx.Module):
         return y
 
 
+def fused_projection(denses: tuple[Dense, ...], x: jax.Array) -> tuple[jax.Array, ...]:
+    """``tuple(dense(x) for dense in denses)`` computed as one matmul.
+
+    The parameters stay separate (each projection keeps its own DeepNorm gain and its own name
+    in the tree); only the matmul is shared, by concatenating the kernels along the output
+    axis. One [d, 3d] matmul instead of three [d, d] ones runs closer to the matmul peak on a
+    CPU and launches a third of the kernels (benchmarks/RESULTS.md, "fused qkv").
+    """
+    dtype = denses[0].dtype
+    kernel = jnp.concatenate([dn.kernel[...] for dn in denses], axis=1).astype(dtype)
+    y = jnp.dot(x.astype(dtype), kernel)
+    if denses[0].bias is not None:
+        y = y + jnp.concatenate([dn.bias[...] for dn in denses]).astype(dtype)
+    return tuple(jnp.split(y, len(denses), axis=-1))
+
+
+def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=False):
+    """softmax(q k^T / sqrt(K), masked) v, written out as two einsums.
+
+    The same maths as ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in
+    float32, masked logits set to -0.7 x float32 max, so a fully masked row is uniform), without
+    its grouped-query vmap, whose extra axis and transposes cost about 2x in the backward pass
+    on XLA:CPU (benchmarks/RESULTS.md, "einsum attention"). Used for ``attention_impl=None``
+    on CPU.
+    """
+    t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
+    scale = q_BxTxHxK.shape[-1] ** -0.5
+    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    keep = mask_Bx1xTxS
+    if causal:
+        tri = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        keep = tri if keep is None else jnp.logical_and(keep, tri)
+    if keep is not None:
+        logits = jnp.where(keep, logits, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK)
+
+
 class Attention(nnx.Module):
     """Multi-head dot-product attention with separate q, k, v, o projections.
 
@@ -52,15 +91,21 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array, context_BxSxD: jax.Array | None = None, *,
                  mask_Bx1xTxS: jax.Array | None = None, causal: bool = False) -> jax.Array:
-        context = x_BxTxD if context_BxSxD is None else context_BxSxD
         b, t, d = x_BxTxD.shape
-        s = context.shape[1]
         h = self.num_heads
-        q = self.query(x_BxTxD).reshape(b, t, h, d // h)
-        k = self.key(context).reshape(b, s, h, d // h)
-        v = self.value(context).reshape(b, s, h, d // h)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, is_causal=causal,
-                                         implementation=self.impl)
+        if context_BxSxD is None:  # self-attention: q, k, v in one matmul
+            q, k, v = fused_projection((self.query, self.key, self.value), x_BxTxD)
+        else:  # cross-attention: q from the stream, k and v in one matmul from the context
+            q = self.query(x_BxTxD)
+            k, v = fused_projection((self.key, self.value), context_BxSxD)
+        s = k.shape[1]
+        q, k, v = (q.reshape(b, t, h, d // h), k.reshape(b, s, h, d // h),
+                   v.reshape(b, s, h, d // h))
+        if self.impl is None and jax.default_backend() == "cpu":
+            o = einsum_attention(q, k, v, mask_Bx1xTxS, causal)
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, is_causal=causal,
+                                             implementation=self.impl)
         o = o.reshape(b, t, d)
         if self.inner_norm is not None:
             o = self.inner_norm(o)
