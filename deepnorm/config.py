@@ -71,7 +71,9 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype; parameters and norm statistics stay float32
     remat_policy: str = "full"  # what jax.checkpoint keeps per layer: none|full|save_dots|...
     scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
-    attention_impl: str | None = None  # jax.nn.dot_product_attention: None (auto), xla, cudnn
+    # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own
+    # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention.
+    attention_impl: str | None = None
 
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)
