@@ -94,6 +94,10 @@ class TransformerConfig:
                 f"model.d_model={self.d_model} is not divisible by model.num_heads="
                 f"{self.num_heads}")
         self._check_layer_counts()
+        for name in ("mixln_fraction", "dropout_rate", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"model.{name}={value!r} must be a number")
         if not 0.0 <= self.mixln_fraction <= 1.0:
             raise ConfigError(f"model.mixln_fraction={self.mixln_fraction!r} must be in [0, 1]")
         if not 0.0 <= self.dropout_rate < 1.0:
