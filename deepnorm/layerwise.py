@@ -13,19 +13,22 @@ import jax.numpy as jnp
 STACKS = ("encoder", "decoder")
 
 
-def _path_names(path) -> list[str]:
+def path_names(path) -> list[str]:
+    """The keys of a pytree path (dict keys, attribute names, sequence indices) as strings."""
     names = []
     for entry in path:
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
                 names.append(str(getattr(entry, attr)))
                 break
+        else:
+            names.append(str(entry))
     return names
 
 
 def stack_of(path) -> str | None:
     """``"encoder"``/``"decoder"`` if the leaf at ``path`` is a stacked layer parameter."""
-    names = _path_names(path)
+    names = path_names(path)
     if len(names) >= 2 and names[0] in STACKS and names[1] == "layers":
         return names[0]
     return None

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from deepnorm import layerwise
 from deepnorm.config import ConfigError
 
 
@@ -167,15 +168,7 @@ def all_finite(tree) -> jax.Array:
 
 def _path_name(path) -> str:
     """``opt_state/0/mu/decoder/...`` for a pytree path of dict, sequence or attribute keys."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return "/".join(layerwise.path_names(path))
 
 
 def shape_mismatch(state_dir: str, abstract_state) -> str:

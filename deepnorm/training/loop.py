@@ -96,24 +96,14 @@ def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def write_resolved_config(workdir: str, config, resuming: bool) -> None:
     """``config.json``: the config the run used. On resume, differing keys are named."""
     path = os.path.join(workdir, "config.json")
     current = config.to_dict()
     if resuming and os.path.exists(path):
         with open(path) as f:
-            previous = _flat(json.load(f))
-        now = _flat(json.loads(json.dumps(current)))
+            previous = validation.flat_keys(json.load(f))
+        now = validation.flat_keys(json.loads(json.dumps(current)))
         changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
         if changed:
             logging.warning("resuming %s with a changed config: %s", workdir, ", ".join(

@@ -65,11 +65,12 @@ def check_data(data_config) -> None:
         raise ConfigError(f"data: {str(err).splitlines()[0]}") from err
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: configs compared key by key."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -83,10 +84,10 @@ def changed_config_keys(workdir: str, config) -> list[str]:
         return []
     try:
         with open(path) as f:
-            previous = _flat(json.load(f))
+            previous = flat_keys(json.load(f))
     except (OSError, ValueError):
         return []
-    now = _flat(json.loads(json.dumps(config.to_dict())))
+    now = flat_keys(json.loads(json.dumps(config.to_dict())))
     keys = sorted(k for k in set(previous) | set(now)
                   if k.split(".")[0] in STATE_SECTIONS and previous.get(k) != now.get(k))
     return [f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in keys]
