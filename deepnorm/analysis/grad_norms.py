@@ -28,7 +28,7 @@ from deepnorm.analysis import schemes as schemes_lib
 from deepnorm.analysis.batches import first
 from deepnorm.analysis.params import init_params
 from deepnorm.analysis.train_steps import adam_train
-from deepnorm.layerwise import STACKS, _path_names
+from deepnorm.layerwise import STACKS, path_names
 from deepnorm.training.loss import loss_fn
 
 
@@ -52,7 +52,7 @@ def per_layer_group_norms(tree) -> dict[tuple[str, str], jax.Array]:
     """{(stack, group): [L]} Frobenius norm of each layer's slice of each projection kernel."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        names = _path_names(path)
+        names = path_names(path)
         group = group_name(names)
         if group is None:
             continue
