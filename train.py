@@ -77,4 +77,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Huge-page malloc (deepnorm/training/hugepages.py): removes XLA:CPU's per-step page
+    # faults; glibc reads it only at process start, so this re-executes once (same PID).
+    from deepnorm.training.hugepages import reexec_with_hugepages
+    reexec_with_hugepages()
     app.run(main, flags_parser=_parse)

@@ -157,6 +157,69 @@ class JaxTrainer:
         return sum(x.size for x in jax.tree.leaves(self.state[0]))
 
 
+def build_jax_trainer(cfg_kwargs: dict, batch: dict) -> JaxTrainer:
+    """A JaxTrainer from plain arguments (picklable, for a Worker process)."""
+    return JaxTrainer(TransformerConfig(**cfg_kwargs), batch)
+
+
+def _worker_main(conn, build, args) -> None:
+    runner = build(*args)
+    conn.send((runner.num_params(), runner.run(1)))  # also the first (compiling) step
+    while True:
+        n = conn.recv()
+        if n is None:
+            return
+        t0, c0 = time.perf_counter(), time.process_time()
+        runner.run(n)
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
+
+
+class Worker:
+    """A trainer living in its own process, run on request: ``run(n) -> (wall, cpu)`` seconds.
+
+    Two frameworks in one process disturb each other: each keeps a thread pool whose idle
+    workers spin for a while before sleeping, on the cores the other one needs. Measured
+    here, a JAX step alternated in-process with torch steps took 1.7x its time alone
+    (RESULTS.md, "one process per framework"). In separate processes, with a pause between
+    turns, each side runs on idle cores. ``build(*args)`` makes the trainer in the worker.
+    """
+
+    def __init__(self, build, *args):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker_main, args=(child, build, args), daemon=True)
+        self._proc.start()
+        self.num_params, self.loss0 = self._conn.recv()
+
+    def run(self, n: int) -> tuple[float, float]:
+        self._conn.send(n)
+        return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._proc.join(timeout=60)
+
+
+def alternate_workers(workers: dict[str, Worker], rounds: int, steps: int,
+                      pause: float = 1.0) -> dict[str, Timing]:
+    """Like ``alternate``, over Worker processes; times are per call of ``steps`` steps,
+    measured inside each worker. ``pause`` seconds between turns let the idle side's spinning
+    threads go to sleep before the other side starts."""
+    for w in workers.values():
+        w.run(steps)
+    wall: dict[str, list[float]] = {name: [] for name in workers}
+    cpu: dict[str, list[float]] = {name: [] for name in workers}
+    for r in range(rounds):
+        order = list(workers) if r % 2 == 0 else list(reversed(workers))
+        for name in order:
+            time.sleep(pause)
+            w, c = workers[name].run(steps)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name]))
+            for name in workers}
+
+
 def forward_flops(cfg: TransformerConfig, batch: int, seq: int, dec_seq: int | None = None) -> int:
     """Matmul FLOPs of one forward pass (2 per multiply-add), counted from the shapes.
 

@@ -40,7 +40,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
     tie_embeddings, use_bias, norm_eps
     dtype           float32 | bfloat16 (compute; params and norm statistics stay float32)
-    remat_policy    none | full | save_dots | save_dots_no_batch (what a layer keeps for backprop)
+    remat_policy    auto (save_dots on CPU, full elsewhere) | none | full | save_dots |
+                    save_dots_no_batch (what a layer keeps for backprop)
     scan_layers     True (one scanned layer; compile time independent of depth)
     attention_impl  unset (auto) | xla | cudnn
     """

@@ -16,7 +16,7 @@ RESIDUALS = (
     "lnscale",
 )
 INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
 ACTIVATIONS = ("gelu", "relu")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
@@ -69,7 +69,10 @@ class TransformerConfig:
     use_bias: bool = True
     norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters and norm statistics stay float32
-    remat_policy: str = "full"  # what jax.checkpoint keeps per layer: none|full|save_dots|...
+    # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto" is
+    # save_dots on CPU (the fastest there: benchmarks/RESULTS.md) and full elsewhere (the least
+    # memory, what a 1,000-layer model on an accelerator needs).
+    remat_policy: str = "auto"
     scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own
     # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention.

@@ -5,6 +5,7 @@ import itertools
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -137,13 +138,44 @@ def test_scan_and_unrolled_stack_agree():
 
 def test_every_remat_policy_gives_the_same_loss_and_grads():
     results = {}
-    for policy in ("none", "full", "save_dots", "save_dots_no_batch"):
+    for policy in ("none", "full", "save_dots", "save_dots_no_batch", "auto"):
         cfg = make_cfg("decoder", layers=2, residual="pre", remat_policy=policy)
         graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(2)), nnx.Param)
         results[policy] = jax.jit(loss_and_grads, static_argnums=0)(
             graphdef, params, make_batch(cfg))
-    for policy in ("full", "save_dots", "save_dots_no_batch"):
+    for policy in ("full", "save_dots", "save_dots_no_batch", "auto"):
         assert_trees_close(results["none"], results[policy])
+
+
+def _remat_policies_in_grad(cfg):
+    """The ``policy`` of every checkpoint (remat) in the jaxpr of the model's gradient."""
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    jaxpr = jax.make_jaxpr(lambda p: loss_and_grads(graphdef, p, make_batch(cfg)))(params)
+    found = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            if "checkpoint" in eqn.primitive.name or "remat" in eqn.primitive.name:
+                found.append(eqn.params.get("policy"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def test_auto_remat_is_save_dots_on_cpu_and_full_elsewhere():
+    from deepnorm.transformer import resolve_remat_policy
+    assert resolve_remat_policy("auto", "cpu") == "save_dots"
+    assert resolve_remat_policy("auto", "gpu") == "full"
+    assert resolve_remat_policy("auto", "tpu") == "full"
+    assert all(resolve_remat_policy(p, "gpu") == p for p in ("none", "full", "save_dots"))
+    assert TransformerConfig.__dataclass_fields__["remat_policy"].default == "auto"
+    # The switch reaches the graph: on this CPU "auto" checkpoints each layer with dots_saveable.
+    assert jax.default_backend() == "cpu"
+    policies = _remat_policies_in_grad(make_cfg("decoder", layers=2, remat_policy="auto"))
+    assert policies and all(p is jax.checkpoint_policies.dots_saveable for p in policies)
+    assert _remat_policies_in_grad(make_cfg("decoder", layers=2, remat_policy="none")) == []
 
 
 def _logits_loss_grads(graphdef, params, batch):

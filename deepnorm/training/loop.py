@@ -21,6 +21,7 @@ from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.initializers import describe
 from deepnorm.training import checkpoint as checkpoint_lib
 from deepnorm.training import divergence as divergence_lib
+from deepnorm.training import hugepages
 from deepnorm.training import mesh as mesh_lib
 from deepnorm.training import preemption as preemption_lib
 from deepnorm.training import validation
@@ -29,6 +30,7 @@ from deepnorm.training.metrics import MetricsWriter
 from deepnorm.training.optim import make_optimizer
 from deepnorm.training.state import abstract_params, abstract_train_state, create_train_state
 from deepnorm.training.steps import make_eval_step, make_train_step
+from deepnorm.transformer import resolve_remat_policy
 
 DIAGNOSTICS = ("every_step", "log_steps", "off")
 
@@ -88,7 +90,8 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"({derived['schedule']}, warmup {derived['warmup_steps']}) adam b1="
             f"{derived['b1']:g} b2={derived['b2']:g}; batch {derived['batch_size']} x "
             f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
-            f"{jax.device_count()} devices, {jax.process_count()} process(es)")
+            f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
+            f"{resolve_remat_policy(model_cfg.remat_policy)}; {hugepages.describe()}")
 
 
 def to_host(tree):
