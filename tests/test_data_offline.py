@@ -16,19 +16,15 @@ import tensorflow_datasets as tfds
 
 from deepnorm import data
 from deepnorm.data import corpus, reachability
+from test_data import _tfds_config  # pytest's default import mode puts tests/ on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM1B_HOST = ("www.statmt.org", 80)  # lm1b's checksums.tsv: one http URL on this host
 LM1B_URL = next(iter(tfds.builder_cls("lm1b").url_infos))
 
 
-def _tfds_config(tmp_path, name="lm1b", key="text"):
-    config = data.default_data_config()
-    config.corpus = "tfds"
-    config.tfds_name = name
-    config.tfds_text_key = key
-    config.data_dir = str(tmp_path)
-    return config
+def _lm1b_config(tmp_path):
+    return _tfds_config(tmp_path, "lm1b", "text")
 
 
 @pytest.fixture
@@ -58,7 +54,7 @@ def test_offline_lm1b_fails_fast_with_one_line_naming_dataset_and_fix(tmp_path, 
     calls = probes(False)
     start = time.monotonic()
     with pytest.raises(corpus.TFDSOfflineError) as err:
-        data.load_source(_tfds_config(tmp_path), "train")
+        data.load_source(_lm1b_config(tmp_path), "train")
     elapsed = time.monotonic() - start
     message = str(err.value)
     assert elapsed < 10, elapsed
@@ -77,7 +73,7 @@ def test_a_probe_that_hangs_is_cut_at_the_timeout(tmp_path, probes, monkeypatch)
     monkeypatch.setattr(reachability, "PROBE_TIMEOUT_S", 0.3)
     start = time.monotonic()
     with pytest.raises(corpus.TFDSOfflineError, match="accepted no connection within 0.3 s"):
-        corpus.tfds_builder(_tfds_config(tmp_path))
+        corpus.tfds_builder(_lm1b_config(tmp_path))
     assert time.monotonic() - start < 5
 
 
@@ -86,7 +82,7 @@ def test_reachable_host_lets_tfds_download(tmp_path, probes, monkeypatch):
     calls = probes(True)
     prepared = []
     monkeypatch.setattr(corpus, "_prepare", prepared.append)  # stands in for 1.8 GB
-    builder = corpus.tfds_builder(_tfds_config(tmp_path))
+    builder = corpus.tfds_builder(_lm1b_config(tmp_path))
     assert calls == [LM1B_HOST] and prepared == [builder]
 
 
@@ -100,7 +96,7 @@ def test_one_answering_host_is_enough(probes):
 def test_mocked_dataset_is_not_probed(tmp_path, probes):
     calls = probes(False)  # a probe would find no network and fail the load
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
-        source = data.load_source(_tfds_config(tmp_path), "train")
+        source = data.load_source(_lm1b_config(tmp_path), "train")
         assert len(source) == 4
     assert calls == []
 
