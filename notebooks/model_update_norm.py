@@ -55,7 +55,7 @@ WIDTH = dict(d_model=32, d_ff=64) if QUICK else dict(d_model=64, d_ff=128)
 BASE = TransformerConfig(arch="encoder_decoder", num_encoder_layers=6, num_decoder_layers=6,
                          num_heads=2, residual="post", remat_policy="none",
                          **WIDTH)  # DeepNet Fig. 5's 64-128-2
-DEPTHS = [2] if QUICK else [6, 12, 24, 48]
+DEPTHS = [2] if QUICK else [6, 12, 24, 48, 100]  # DeepNet Fig. 5 goes to 100L-100L
 STEPS = 3 if QUICK else 20
 SEEDS = [0] if QUICK else [0, 1]
 SIZE = dict(batch_size=4, seq_len=16) if QUICK else dict(batch_size=8, seq_len=32)
@@ -87,20 +87,20 @@ for step in (1, STEPS):
 # have a norm of roughly 15-20 per position, so an update of that size has moved the output by
 # about its own size.)
 #
-# * **DeepNorm's first update is 5-9x smaller than Post-LN's at every depth** (1.5 vs 13.5 at
-#   6L-6L, 4.5 vs 15.8 at 48L-48L), DeepNet's central observation: $\alpha$ and $\beta$ keep
-#   one Adam step from moving the model far.
+# * **DeepNorm's first update is 2.7-9x smaller than Post-LN's at every depth** (1.5 vs 13.5
+#   at 6L-6L, 4.5 vs 15.8 at 48L-48L, 7.1 vs 19.2 at 100L-100L), DeepNet's central
+#   observation: $\alpha$ and $\beta$ keep one Adam step from moving the model far.
 # * **Post-LN's first update is already about the size of the output itself** at 6L-6L, grows
-#   from 6L-6L to 12L-12L and then stops growing: it is saturated (the output cannot move
+#   from 6L-6L to 12L-12L and then stays at 16-19: it is saturated (the output cannot move
 #   much further than its own size in one step), so beyond 12 layers the depth trend the paper
 #   shows for Post-LN is hidden by that ceiling.
-# * **Pre-LN's first update grows steadily with depth** (8 to 18) and at 48L-48L exceeds
-#   Post-LN's: a Pre-LN stream is the sum of all branch outputs, and an Adam step moves every
-#   branch at once.
+# * **Pre-LN's first update grows steadily with depth** (8.2 at 6L-6L to 18.7 at 100L-100L),
+#   exceeds Post-LN's at 48L-48L (18.2 vs 15.8) and matches it at 100L-100L: a Pre-LN stream
+#   is the sum of all branch outputs, and an Adam step moves every branch at once.
 #
 # **Where it departs from the paper.** DeepNorm's update is not constant in depth here: it
-# grows about 3x from 6L-6L to 48L-48L (close to $\sqrt{48/6} = 2.8$), where the paper's curve
-# is nearly flat; it stays well below the others throughout. Two differences are likely to
+# grows about 4.8x from 6L-6L to 100L-100L (3x to 48L-48L; $\sqrt{100/6} = 4.1$), where the
+# paper's curve is nearly flat; it stays well below the others throughout. Two differences are likely to
 # matter: the paper trains translation models with its fairseq setup and warmup, and here the
 # first steps are dominated by the model learning the byte frequencies (the output bias), a
 # change every scheme must make. After 20 steps that change dominates and all curves approach
