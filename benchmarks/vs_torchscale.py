@@ -23,7 +23,7 @@ made torchscale's step several times slower, on a quiet one spinning is faster. 
 which other jobs on a shared machine move much less than wall time.
 Timing: each side in its own process (bench_common.Worker: two frameworks' thread pools in one
 process slow each other down), both compiled/warmed up, then alternating rounds (A B, B A, ...)
-of ``--steps`` steps each with a 1 s pause between turns (longer than libgomp's and XLA's
+of ``--steps`` steps each, after one untimed step, with a 1 s pause between turns (longer than libgomp's and XLA's
 spin-before-sleep, so no side's idle threads still spin when the other starts), median over
 ``--rounds`` rounds. Prints tokens/s per side and the ratio.
 """
