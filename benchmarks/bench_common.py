@@ -157,6 +157,33 @@ class JaxTrainer:
         return sum(x.size for x in jax.tree.leaves(self.state[0]))
 
 
+class LoopStepRunner:
+    """The training loop's own step (``make_train_step``, state donated) on one fixed batch.
+
+    Unlike ``JaxTrainer`` (loss, grad, Adam), this is exactly what ``train_and_evaluate`` jits:
+    with the loop's metrics and, if asked, its per-layer diagnostics. ``run(n)`` does n steps
+    and blocks on the last loss.
+    """
+
+    def __init__(self, cfg: TransformerConfig, batch: dict, *, diagnostics: bool, tx=None,
+                 seed: int = 0, label_smoothing: float = 0.0):
+        from deepnorm.training.state import create_train_state
+        from deepnorm.training.steps import make_train_step
+
+        tx = tx or optax.adam(1e-4)
+        self.graphdef, self.state = create_train_state(cfg, tx, seed=seed)
+        self.step = jax.jit(make_train_step(self.graphdef, tx, diagnostics=diagnostics,
+                                            label_smoothing=label_smoothing),
+                            donate_argnums=0)
+        self.batch = jax.device_put(batch)
+
+    def run(self, n: int) -> None:
+        metrics = None
+        for _ in range(n):
+            self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready(metrics["loss"])
+
+
 def build_jax_trainer(cfg_kwargs: dict, batch: dict) -> JaxTrainer:
     """A JaxTrainer from plain arguments (picklable, for a Worker process)."""
     return JaxTrainer(TransformerConfig(**cfg_kwargs), batch)

@@ -22,10 +22,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cpu_env  # noqa: E402
+from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    cpu_env.reexec_with_hugepages()
+    hugepages.reexec_with_hugepages()
 
 import jax  # noqa: E402
 
@@ -59,7 +59,7 @@ def main(argv=None) -> float:
     args = p.parse_args(argv)
     depths = [12, 100] if args.quick else [int(x) for x in args.depths.split(",")]
     rounds = 3 if args.quick else args.rounds
-    print(bc.machine_line() + f"; {cpu_env.describe()}")
+    print(bc.machine_line() + f"; {hugepages.describe()}")
     print(f"# decoder DeepNorm d={D} heads={HEADS} d_ff={4 * D} batch {BATCH}x{SEQ}, "
           f"remat_policy={args.remat}; median of {rounds} alternating rounds")
     trainers = {L: bc.JaxTrainer(config(L, args.remat), bc.random_batch(config(L, "none"),

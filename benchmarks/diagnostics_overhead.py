@@ -20,37 +20,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cpu_env  # noqa: E402
+from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    cpu_env.reexec_with_hugepages()
-
-import jax  # noqa: E402
-import optax  # noqa: E402
+    hugepages.reexec_with_hugepages()
 
 import bench_common as bc  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
-from deepnorm.training.state import create_train_state  # noqa: E402
-from deepnorm.training.steps import make_train_step  # noqa: E402
 
 # (label, d_model, layers)
 SHAPES = [("d=64 L=100", 64, 100), ("d=256 L=24", 256, 24)]
 BATCH, SEQ = 8, 64
-
-
-class StepRunner:
-    def __init__(self, cfg, diagnostics: bool):
-        tx = optax.adam(1e-4)
-        self.graphdef, self.state = create_train_state(cfg, tx, seed=0)
-        self.step = jax.jit(make_train_step(self.graphdef, tx, diagnostics=diagnostics),
-                            donate_argnums=0)
-        self.batch = jax.device_put(bc.random_batch(cfg, BATCH, SEQ))
-
-    def run(self, n: int) -> None:
-        metrics = None
-        for _ in range(n):
-            self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready(metrics["loss"])
 
 
 def main(argv=None) -> float:
@@ -62,7 +42,7 @@ def main(argv=None) -> float:
     args = p.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds, steps = (3, 1) if args.quick else (args.rounds, args.steps)
-    print(bc.machine_line() + f"; {cpu_env.describe()}")
+    print(bc.machine_line() + f"; {hugepages.describe()}")
     print(f"# decoder DeepNorm, batch {BATCH}x{SEQ}, remat_policy={args.remat}; "
           f"median of {rounds} alternating rounds x {steps} steps")
     print(f"{'shape':<14}{'plain ms':>10}{'diagnostics ms':>16}{'overhead':>10}"
@@ -71,7 +51,8 @@ def main(argv=None) -> float:
     for label, d, layers in shapes:
         cfg = TransformerConfig(arch="decoder", num_layers=layers, d_model=d, num_heads=4,
                                 d_ff=4 * d, residual="deepnorm", remat_policy=args.remat)
-        runners = {False: StepRunner(cfg, False), True: StepRunner(cfg, True)}
+        batch = bc.random_batch(cfg, BATCH, SEQ)
+        runners = {diag: bc.LoopStepRunner(cfg, batch, diagnostics=diag) for diag in (False, True)}
         t = bc.alternate({k: (lambda r=r: r.run(steps)) for k, r in runners.items()}, rounds)
         over = t[True].wall / t[False].wall - 1
         worst = max(worst, over)

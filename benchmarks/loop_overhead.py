@@ -29,12 +29,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cpu_env  # noqa: E402
+from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    cpu_env.reexec_with_hugepages()
-
-import jax  # noqa: E402
+    hugepages.reexec_with_hugepages()
 
 import bench_common as bc  # noqa: E402
 from configs import deepnorm as deepnorm_config  # noqa: E402
@@ -43,30 +41,18 @@ from deepnorm.training import mesh as mesh_lib  # noqa: E402
 from deepnorm.training.data import DataSource  # noqa: E402
 from deepnorm.training.loop import train_and_evaluate  # noqa: E402
 from deepnorm.training.optim import make_optimizer  # noqa: E402
-from deepnorm.training.state import create_train_state  # noqa: E402
-from deepnorm.training.steps import make_train_step  # noqa: E402
 
 
 def bare_step_seconds(config, repeats: int, steps: int) -> float:
     """Median seconds per step of the jitted step alone, on one fixed batch."""
     model_cfg = TransformerConfig.from_mapping(config.model)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    batch = DataSource(config, model_cfg, mesh).first_batch()
+    batch = DataSource(config, model_cfg, mesh_lib.make_mesh(config.mesh)).first_batch()
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    graphdef, state = create_train_state(model_cfg, tx, config.train.seed)
-    step = jax.jit(make_train_step(graphdef, tx, diagnostics=False,
-                                   label_smoothing=float(config.optimizer.label_smoothing)),
-                   donate_argnums=0)
-    box = {"state": state}
-
-    def run():
-        metrics = None
-        for _ in range(steps):
-            box["state"], metrics = step(box["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    run()  # compile and warm up
-    return bc.median_seconds(run, repeats) / steps
+    runner = bc.LoopStepRunner(model_cfg, batch, diagnostics=False, tx=tx,
+                               seed=config.train.seed,
+                               label_smoothing=float(config.optimizer.label_smoothing))
+    runner.run(steps)  # compile and warm up
+    return bc.median_seconds(lambda: runner.run(steps), repeats) / steps
 
 
 def loop_tokens_per_s(config, workdir: str) -> list[float]:
@@ -94,7 +80,7 @@ def main(argv=None) -> float:
     train.progress_bar = False
     tokens_per_step = train.batch_size * train.seq_len
 
-    print(bc.machine_line() + f"; {cpu_env.describe()}")
+    print(bc.machine_line() + f"; {hugepages.describe()}")
     print(f"# configs/deepnorm.py ({config.model.arch}, {config.model.num_encoder_layers}+"
           f"{config.model.num_decoder_layers} layers, d={config.model.d_model}), batch "
           f"{train.batch_size}x{train.seq_len}, {num_steps} loop steps, diagnostics="

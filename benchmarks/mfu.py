@@ -25,10 +25,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cpu_env  # noqa: E402
+from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    cpu_env.reexec_with_hugepages()
+    hugepages.reexec_with_hugepages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv=None) -> float:
     if args.quick:
         shapes, args.steps, args.rounds = shapes[:1], 1, 3
     peak_n, peak_dtype = (8192, jnp.bfloat16) if gpu else (2048, jnp.float32)
-    print(bc.machine_line() + f"; {cpu_env.describe()}")
+    print(bc.machine_line() + f"; {hugepages.describe()}")
     peak = bc.matmul_peak_flops(peak_n, peak_dtype, repeats=20)
     nominal = nominal_peak(dev) if gpu else None
     print(f"# measured peak: {peak_n}^3 {jnp.dtype(peak_dtype).name} matmul through XLA = "

@@ -16,7 +16,7 @@ deepnorm. Differences that do not change the FLOPs: torchscale's init (see DESIG
 layer-count-dependent alpha; both sides use the same alpha formula per architecture.
 
 Threads: torch.set_num_threads(os.cpu_count()); XLA:CPU uses its default pool (all cores).
-Process settings (benchmarks/cpu_env.py, both sides): malloc huge pages. torch runs in two
+Process settings (deepnorm/training/hugepages.py, both sides): malloc huge pages. torch runs in two
 workers, OMP_WAIT_POLICY unset (libgomp spins a while, then sleeps) and PASSIVE (sleep), and each
 row takes the faster of the two: on a machine shared with other jobs spinning OpenMP threads
 made torchscale's step several times slower, on a quiet one spinning is faster. Each row also gives the ratio of CPU time per step (all threads),
@@ -36,10 +36,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cpu_env  # noqa: E402
+from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    cpu_env.reexec_with_hugepages()  # inherited by both sides' worker processes
+    hugepages.reexec_with_hugepages()  # inherited by both sides' worker processes
 
 import bench_common as bc  # noqa: E402
 import torchscale_side as ts  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv=None) -> float:
         shapes, args.rounds, args.steps = [SHAPES[0], SHAPES[3]], 3, 1
     ts.set_threads(args.threads)
 
-    print(bc.machine_line() + f"; {cpu_env.describe()}")
+    print(bc.machine_line() + f"; {hugepages.describe()}")
     print(f"# torch {ts.torch.__version__} threads={args.threads} "
           f"(OMP_WAIT_POLICY: the faster of unset / PASSIVE per shape); XLA default pool; "
           f"batch {BATCH}x{SEQ}; deepnorm remat_policy={args.remat}; "

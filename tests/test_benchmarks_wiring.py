@@ -3,7 +3,7 @@
 The benchmarks are not run by the test suite (minutes each, and vs_torchscale needs torch), so a
 helper renamed or dropped from ``bench_common`` / ``torchscale_side`` would otherwise surface
 only when someone runs the benchmark: that happened once (``bench_common.Worker``). This reads
-each script's source and checks every ``bc.NAME`` / ``ts.NAME`` / ``cpu_env.NAME`` it uses
+each script's source and checks every ``bc.NAME`` / ``ts.NAME`` it uses
 against the names the helper module defines at top level, without importing torch.
 """
 
@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
-HELPERS = {"bench_common": "bc", "torchscale_side": "ts", "cpu_env": "cpu_env"}
+HELPERS = {"bench_common": "bc", "torchscale_side": "ts"}
 
 
 def top_level_names(module: str) -> set[str]:
