@@ -36,8 +36,9 @@ def resolve_remat_policy(name: str, backend: str | None = None) -> str:
     """The policy ``model.remat_policy`` names; ``"auto"`` depends on the platform.
 
     On CPU, save_dots: keeping the matmul outputs and recomputing only element-wise work was
-    the fastest policy on both CPUs measured (10-20% faster than full, 25-35% faster than none,
-    whose stacked intermediates cost more to write than to recompute; benchmarks/RESULTS.md).
+    the fastest policy on both CPUs measured (9-15% less step time than full, 12-37% less than
+    none, whose stacked intermediates cost more to write than to recompute;
+    benchmarks/RESULTS.md).
     Elsewhere, full: it needs the least memory (1.6x the parameter + Adam footprint at 1,000
     layers against 4.6x for save_dots), which is what bounds depth on an accelerator.
     """
