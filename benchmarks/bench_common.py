@@ -291,13 +291,15 @@ def train_flops(cfg: TransformerConfig, batch: int, seq: int, dec_seq: int | Non
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
     """The machine's measured matmul rate: an n^3 matmul through XLA, FLOP/s.
 
-    The fastest of ``repeats`` runs (a peak is what the hardware can do; on a machine shared
-    with other jobs the median of a 64 ms matmul moved by 2x between runs here).
+    Products are summed into float32, as in the model (for bfloat16 inputs this is the dot
+    that runs on AMX on XLA:CPU: deepnorm.layers.bf16_matmul). The fastest of ``repeats``
+    runs (a peak is what the hardware can do; on a machine shared with other jobs the median
+    of a 64 ms matmul moved by 2x between runs here).
     """
     key = jax.random.PRNGKey(0)
     a = jax.random.normal(key, (n, n), dtype)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
-    mm = jax.jit(jnp.dot)
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     times = []
     for _ in range(repeats):

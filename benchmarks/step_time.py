@@ -1,6 +1,7 @@
 """One encoder training step of the vs_torchscale shapes, timed alone: for comparing variants.
 
-    python benchmarks/step_time.py --d 64                      # d=64 x 100 layers, save_dots
+    python benchmarks/step_time.py --d 64                      # d=64 x 100 layers, remat auto
+    python benchmarks/step_time.py --d 512 --dtype bfloat16    # bfloat16 matmuls
     python benchmarks/step_time.py --d 256 --remat full
     python benchmarks/step_time.py --d 512 --unrolled
     DEEPNORM_PLAIN_MALLOC=1 python benchmarks/step_time.py --d 256        # huge pages off
@@ -37,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
+from deepnorm.transformer import resolve_remat_policy  # noqa: E402
 
 LAYERS = {64: 100, 256: 24, 512: 12}  # the vs_torchscale encoder shapes
 
@@ -45,8 +47,9 @@ def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d", type=int, default=64, help="d_model (64, 256, 512 have default depths)")
     p.add_argument("--layers", type=int, default=None, help="default: 100 / 24 / 12 by --d")
-    p.add_argument("--remat", default="save_dots", help="model.remat_policy")
+    p.add_argument("--remat", default="auto", help="model.remat_policy")
     p.add_argument("--unrolled", action="store_true", help="scan_layers=False")
+    p.add_argument("--dtype", default="float32", help="model.dtype, the matmul compute dtype")
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args(argv)
     layers = args.layers or LAYERS.get(args.d)
@@ -54,7 +57,7 @@ def main(argv=None) -> float:
         p.error(f"--d={args.d} has no default depth; give --layers (defaults for {list(LAYERS)})")
     cfg = TransformerConfig(arch="encoder", num_layers=layers, d_model=args.d, num_heads=4,
                             d_ff=4 * args.d, residual="deepnorm", remat_policy=args.remat,
-                            scan_layers=not args.unrolled)
+                            scan_layers=not args.unrolled, dtype=args.dtype)
     batch = bc.random_batch(cfg, 8, 64)
     trainer = bc.JaxTrainer(cfg, batch)
     devices = jax.devices()
@@ -72,8 +75,8 @@ def main(argv=None) -> float:
     ms = statistics.median(wall) * 1e3
     print(bc.machine_line() + f"; {hugepages.describe()}; XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"encoder d={args.d} L={layers} remat={args.remat} "
-          f"{'unrolled' if args.unrolled else 'scan'} devices={len(devices)}: step ms {ms:.1f}, "
+    print(f"encoder d={args.d} L={layers} remat={resolve_remat_policy(args.remat, dtype=args.dtype)} "
+          f"{'unrolled' if args.unrolled else 'scan'} {args.dtype} devices={len(devices)}: step ms {ms:.1f}, "
           f"cpu ms {statistics.median(cpu) * 1e3:.1f}")
     return ms
 

@@ -65,14 +65,20 @@ class TorchscaleTrainer:
     Mirrors the deepnorm model exactly in what is computed: token embedding scaled by
     sqrt(d) plus the fixed sinusoidal positions; Post-LN DeepNorm layers (LN(alpha x + F(x)));
     4 heads, d_ff = 4 d, GELU, biases; the output head tied to the embedding; mean token
-    cross-entropy; Adam. Dropout 0, float32, no activation checkpointing.
+    cross-entropy; Adam. Dropout 0, no activation checkpointing. float32, or with
+    ``dtype="bfloat16"`` torch's CPU autocast (matmuls in bfloat16 on oneDNN, float32 parameters,
+    norms and loss): PyTorch's counterpart of deepnorm's bfloat16 matmuls.
     """
 
     def __init__(self, *, arch: str, d_model: int, num_heads: int, d_ff: int, layers: int,
                  dec_layers: int, vocab: int, batch: dict, positions: np.ndarray,
-                 lr: float = 1e-4, fused_adam: bool = True, seed: int = 0):
+                 lr: float = 1e-4, fused_adam: bool = True, seed: int = 0,
+                 dtype: str = "float32"):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={dtype!r} is not one of float32, bfloat16")
         torch.manual_seed(seed)
         self.arch = arch
+        self.autocast = dtype == "bfloat16"
         common = dict(vocab_size=vocab, deepnorm=True, no_scale_embedding=False, dropout=0.0,
                       attention_dropout=0.0, activation_dropout=0.0, drop_path_rate=0.0,
                       activation_fn="gelu")
@@ -122,7 +128,8 @@ class TorchscaleTrainer:
         loss = None
         for _ in range(n):
             self.opt.zero_grad(set_to_none=True)
-            loss = self._loss()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self._loss()
             loss.backward()
             self.opt.step()
         return float(loss.detach())
@@ -135,9 +142,9 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """torch's float32 n^3 matmul rate on this machine, FLOP/s (median), for the table note."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """torch's n^3 matmul rate on this machine, FLOP/s (median), for the table note."""
+    a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
     a @ b
     times = []
     for _ in range(repeats):

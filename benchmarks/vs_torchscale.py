@@ -3,12 +3,19 @@
     pip install -e ".[bench]" && pip install --no-deps torchscale==0.3.0   # see README.md here
     python benchmarks/vs_torchscale.py            # full run (~10 min on 2 cores)
     python benchmarks/vs_torchscale.py --quick    # smoke run (~1 min)
+    python benchmarks/vs_torchscale.py --dtype bfloat16   # bfloat16 matmuls on both sides
+    python benchmarks/vs_torchscale.py --dtype bfloat16 --torch-dtype float32   # mixed
 
 Both sides compute the same thing (checked by the printed parameter counts and initial losses):
 token embedding x sqrt(d) + fixed sinusoidal positions -> L Post-LN DeepNorm layers
 x <- LN(alpha x + F(x)) (4 heads, d_ff = 4 d, GELU, biases, pad mask on the keys) -> output head
-tied to the embedding -> mean token cross-entropy -> Adam (lr 1e-4). float32, dropout 0, batch
-8 x 64 tokens of random non-pad ids. torchscale: Encoder / EncoderDecoder with deepnorm=True,
+tied to the embedding -> mean token cross-entropy -> Adam (lr 1e-4). Dropout 0, batch 8 x 64
+tokens of random non-pad ids. ``--dtype float32`` (the default): float32 throughout on both
+sides. ``--dtype bfloat16``: deepnorm's model.dtype=bfloat16 (matmul inputs rounded to bfloat16,
+products, activations, norms and parameters float32) against torch's CPU autocast to bfloat16
+(matmuls in bfloat16, norms and loss float32). ``--torch-dtype`` sets torchscale's side apart
+(default: the same as ``--dtype``), e.g. deepnorm's bfloat16 against torchscale's default
+float32. torchscale: Encoder / EncoderDecoder with deepnorm=True,
 eager mode, fused Adam (its fastest CPU optimizer), no activation checkpointing. deepnorm: one
 jitted step (loss_fn, grad, optax.adam) with donated buffers; the model also computes its
 per-layer residual statistics (aux), which torchscale does not, so that work counts against
@@ -44,7 +51,7 @@ if __name__ == "__main__":
 import bench_common as bc  # noqa: E402
 import torchscale_side as ts  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
-from deepnorm.transformer import sinusoidal_positions  # noqa: E402
+from deepnorm.transformer import resolve_remat_policy, sinusoidal_positions  # noqa: E402
 
 # (name, arch, d_model, encoder layers, decoder layers)
 SHAPES = [
@@ -56,12 +63,13 @@ SHAPES = [
 BATCH, SEQ, HEADS, VOCAB = 8, 64, 4, 260
 
 
-def model_config(arch: str, d: int, n: int, m: int, remat: str) -> TransformerConfig:
+def model_config(arch: str, d: int, n: int, m: int, remat: str,
+                 dtype: str = "float32") -> TransformerConfig:
     layers = (dict(num_layers=n) if arch == "encoder"
               else dict(num_encoder_layers=n, num_decoder_layers=m))
     return TransformerConfig(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, vocab_size=VOCAB,
                              norm="layernorm", residual="deepnorm", dropout_rate=0.0,
-                             dtype="float32", remat_policy=remat, **layers)
+                             dtype=dtype, remat_policy=remat, **layers)
 
 
 def main(argv=None) -> float:
@@ -69,10 +77,15 @@ def main(argv=None) -> float:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, few rounds")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per shape")
     p.add_argument("--steps", type=int, default=2, help="training steps per round and side")
-    p.add_argument("--remat", default="save_dots",
-                   help="deepnorm model.remat_policy (save_dots is the fastest on CPU: RESULTS.md)")
+    p.add_argument("--remat", default="auto",
+                   help="deepnorm model.remat_policy (auto: the fastest on CPU for the dtype)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="matmul dtype on both sides (bfloat16: torch autocast)")
+    p.add_argument("--torch-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="torchscale's matmul dtype, if not --dtype")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = p.parse_args(argv)
+    args.torch_dtype = args.torch_dtype or args.dtype
     shapes = SHAPES
     if args.quick:
         shapes, args.rounds, args.steps = [SHAPES[0], SHAPES[3]], 3, 1
@@ -81,19 +94,22 @@ def main(argv=None) -> float:
     print(bc.machine_line() + f"; {hugepages.describe()}")
     print(f"# torch {ts.torch.__version__} threads={args.threads} "
           f"(OMP_WAIT_POLICY: the faster of unset / PASSIVE per shape); XLA default pool; "
-          f"batch {BATCH}x{SEQ}; deepnorm remat_policy={args.remat}; "
+          f"batch {BATCH}x{SEQ}; matmuls: deepnorm {args.dtype}, torchscale "
+          f"{args.torch_dtype}; deepnorm remat_policy="
+          f"{resolve_remat_policy(args.remat, dtype=args.dtype)}; "
           f"median of {args.rounds} alternating rounds x {args.steps} steps")
     print(f"{'shape':<19}{'params':>11}{'loss0 jax/torch':>17}{'deepnorm ms':>13}"
           f"{'torchscale ms':>15}{'deepnorm tok/s':>16}{'torchscale tok/s':>18}{'ratio':>7}"
           f"{'cpu-time ratio':>16}")
     ratios, cpu_ratios = [], []
     for name, arch, d, n, m in shapes:
-        cfg = model_config(arch, d, n, m, args.remat)
+        cfg = model_config(arch, d, n, m, args.remat, args.dtype)
         batch = bc.random_batch(cfg, BATCH, SEQ)
         jx = bc.Worker(bc.build_jax_trainer, dataclasses.asdict(cfg), batch)
         torch_args = dict(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, layers=n,
                           dec_layers=m, vocab=VOCAB, batch=batch,
-                          positions=sinusoidal_positions(SEQ, d), threads=args.threads)
+                          positions=sinusoidal_positions(SEQ, d), threads=args.threads,
+                          dtype=args.torch_dtype)
         # torch gets its better OpenMP wait policy per shape: spinning workers (the default)
         # are faster on a quiet machine and several times slower when other jobs hold cores.
         workers = {"jax": jx}
@@ -123,11 +139,12 @@ def main(argv=None) -> float:
               flush=True)
         for w in workers.values():
             w.close()
-    print(f"# matmul 2048^3 float32 on this machine: XLA {bc.matmul_peak_flops() / 1e9:.0f} "
-          f"GFLOP/s, torch {ts.matmul_rate() / 1e9:.0f} GFLOP/s")
+    print(f"# matmul 2048^3 on this machine: XLA {args.dtype} "
+          f"{bc.matmul_peak_flops(dtype=args.dtype) / 1e9:.0f} GFLOP/s, torch {args.torch_dtype} "
+          f"{ts.matmul_rate(dtype=args.torch_dtype) / 1e9:.0f} GFLOP/s")
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs on the machine)")
     worst = min(ratios)
-    print(f"RATIO deepnorm/torchscale tokens/s: min {worst:.2f}x over {len(ratios)} shapes "
+    print(f"RATIO deepnorm/torchscale tokens/s ({args.dtype}/{args.torch_dtype}): min {worst:.2f}x over {len(ratios)} shapes "
           f"(goal >= 2.00x: {'met' if worst >= 2 else 'NOT met'}); CPU time per step: "
           f"min {min(cpu_ratios):.2f}x")
     return worst

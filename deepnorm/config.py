@@ -68,10 +68,12 @@ class TransformerConfig:
     tie_embeddings: bool = True  # output head shares the token embedding
     use_bias: bool = True
     norm_eps: float = 1e-5
-    dtype: str = "float32"  # compute dtype; parameters and norm statistics stay float32
+    # Matmul input dtype. With bfloat16 the products are summed and returned in float32
+    # (layers.bf16_matmul); parameters, activations and norm statistics are float32 either way.
+    dtype: str = "float32"
     # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto" is
-    # save_dots on CPU (the fastest there: benchmarks/RESULTS.md) and full elsewhere (the least
-    # memory, what a 1,000-layer model on an accelerator needs).
+    # save_dots on CPU in float32 and full in bfloat16 (the fastest there: benchmarks/RESULTS.md)
+    # and full elsewhere (the least memory, what a 1,000-layer model on an accelerator needs).
     remat_policy: str = "auto"
     scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own

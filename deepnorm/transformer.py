@@ -20,7 +20,7 @@ from flax import nnx
 from deepnorm import residual as residual_lib
 from deepnorm.config import FINAL_NORM_RESIDUALS, TransformerConfig
 from deepnorm.initializers import layer_constants, layer_gain, role_gains
-from deepnorm.layers import Attention, Dense, FeedForward
+from deepnorm.layers import Attention, Dense, FeedForward, matmul
 from deepnorm.norms import make_norm
 
 PAD_ID = 0  # the token id that marks padding in encoder inputs (deepnorm.data.tokenizer)
@@ -32,19 +32,22 @@ REMAT_POLICIES = {
 }
 
 
-def resolve_remat_policy(name: str, backend: str | None = None) -> str:
-    """The policy ``model.remat_policy`` names; ``"auto"`` depends on the platform.
+def resolve_remat_policy(name: str, backend: str | None = None, dtype: str = "float32") -> str:
+    """The policy ``model.remat_policy`` names; ``"auto"`` depends on the platform and dtype.
 
-    On CPU, save_dots: keeping the matmul outputs and recomputing only element-wise work was
-    the fastest policy on both CPUs measured (9-15% less step time than full, 12-37% less than
-    none, whose stacked intermediates cost more to write than to recompute;
-    benchmarks/RESULTS.md).
-    Elsewhere, full: it needs the least memory (1.6x the parameter + Adam footprint at 1,000
-    layers against 4.6x for save_dots), which is what bounds depth on an accelerator.
+    On CPU in float32, save_dots: keeping the matmul outputs and recomputing only element-wise
+    work was the fastest policy on both CPUs measured (9-15% less step time than full, 12-37%
+    less than none, whose stacked intermediates cost more to write than to recompute).
+    On CPU in bfloat16, full: once the matmuls run on AMX (``layers.bf16_matmul``) recomputing
+    them is cheaper than writing and reading their saved outputs (4-25% less step time than
+    save_dots). Elsewhere, full: it needs the least memory (1.6x the parameter + Adam footprint
+    at 1,000 layers against 4.6x for save_dots), which is what bounds depth on an accelerator.
+    All figures: benchmarks/RESULTS.md (changes 8 and 17).
     """
     if name != "auto":
         return name
-    return "save_dots" if (backend or jax.default_backend()) == "cpu" else "full"
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    return "save_dots" if on_cpu and jnp.dtype(dtype) == jnp.float32 else "full"
 
 
 # Per-sublayer statistics every block returns (each a mean over batch and positions).
@@ -171,7 +174,7 @@ class Stack(nnx.Module):
             return block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
                          cross_mask=cross_mask, causal=causal, dropout_key=key)
 
-        policy = resolve_remat_policy(cfg.remat_policy)
+        policy = resolve_remat_policy(cfg.remat_policy, dtype=cfg.dtype)
         if policy != "none":
             # prevent_cse=False: inside a scan the loop boundary already stops XLA from merging
             # the recomputation back into the forward pass, and CSE barriers cost speed.
@@ -241,7 +244,8 @@ class Transformer(nnx.Module):
     def _logits(self, x_BxTxD):
         if self.head is not None:
             return self.head(x_BxTxD).astype(jnp.float32)
-        return jnp.dot(x_BxTxD.astype(jnp.float32), self.embed[...].T)
+        # Tied head: the embedding's transpose, in the compute dtype like every other matmul.
+        return matmul(x_BxTxD, self.embed[...], jnp.dtype(self.config.dtype), kernel_axis=1)
 
     def __call__(self, inputs_BxT, decoder_inputs_BxT=None, *, deterministic: bool = True,
                  dropout_key: jax.Array | None = None):

@@ -49,3 +49,57 @@ def test_fused_projection_equals_separate_denses(use_bias):
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 6))
     for fused, dn in zip(fused_projection(denses, x), denses):
         np.testing.assert_allclose(fused, dn(x), rtol=1e-6, atol=1e-6)
+
+
+# --- bf16_matmul: bfloat16 inputs, float32 products, hand-written VJP -----------------------
+
+def _bf16(a) -> np.ndarray:
+    """a rounded to bfloat16, as float64 NumPy (exact: every bfloat16 is a float64)."""
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+def test_bf16_matmul_is_the_float_product_of_rounded_inputs_and_its_gradients():
+    """y = r(x) r(W); dx = r(g) r(W)^T; dW = r(x)^T r(g), summed over every leading axis,
+    with r = rounding to bfloat16 and products summed in float32 (NumPy float64 reference)."""
+    from deepnorm.layers import bf16_matmul
+    k = jax.random.split(jax.random.PRNGKey(2), 3)
+    x = jax.random.normal(k[0], (2, 5, 12))
+    w = jax.random.normal(k[1], (12, 7))
+    g = jax.random.normal(k[2], (2, 5, 7))
+    y, vjp = jax.vjp(bf16_matmul, x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    rx, rw, rg = _bf16(x), _bf16(w), _bf16(g)
+    np.testing.assert_allclose(y, rx @ rw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, rg @ rw.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("btk,btn->kn", rx, rg), rtol=1e-5, atol=1e-5)
+    # Not the float32 product: the rounding is real (8-bit mantissa, ~0.4% per input).
+    assert np.max(np.abs(np.asarray(y) - np.asarray(x) @ np.asarray(w))) > 1e-3
+
+
+def test_bf16_matmul_gradients_keep_the_input_dtypes_and_agree_under_jit():
+    from deepnorm.layers import bf16_matmul
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 6)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(4), (6, 3))
+    loss = lambda x, w: jnp.sum(bf16_matmul(x, w) ** 2)  # noqa: E731
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert (dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
+    jdx, jdw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    np.testing.assert_array_equal(dx, jdx)
+    np.testing.assert_allclose(dw, jdw, rtol=1e-6)
+
+
+def test_bfloat16_dense_and_fused_projection_use_bf16_matmul():
+    """dtype=bfloat16: Dense is bf16_matmul + bias in float32, and fusing q/k/v changes nothing."""
+    from deepnorm.layers import bf16_matmul
+    rngs = nnx.Rngs(0)
+    denses = tuple(Dense(8, 8, gain=g, axes=("embed", "heads"), use_bias=True,
+                         dtype=jnp.bfloat16, rngs=rngs) for g in (1.0, 1.0, 0.3))
+    for i, dn in enumerate(denses):
+        dn.bias[...] = jnp.full((8,), 0.1 * (i + 1))
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 8))
+    for fused, dn in zip(fused_projection(denses, x), denses):
+        assert fused.dtype == dn(x).dtype == jnp.float32
+        np.testing.assert_allclose(dn(x), bf16_matmul(x, dn.kernel[...]) + dn.bias[...],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(fused, dn(x), rtol=1e-6, atol=1e-6)

@@ -164,9 +164,11 @@ def _remat_policies_in_grad(cfg):
     return found
 
 
-def test_auto_remat_is_save_dots_on_cpu_and_full_elsewhere():
+def test_auto_remat_is_save_dots_on_cpu_in_float32_and_full_elsewhere():
     from deepnorm.transformer import resolve_remat_policy
     assert resolve_remat_policy("auto", "cpu") == "save_dots"
+    assert resolve_remat_policy("auto", "cpu", "bfloat16") == "full"
+    assert resolve_remat_policy("auto", "gpu", "bfloat16") == "full"
     assert resolve_remat_policy("auto", "gpu") == "full"
     assert resolve_remat_policy("auto", "tpu") == "full"
     assert all(resolve_remat_policy(p, "gpu") == p for p in ("none", "full", "save_dots"))
@@ -176,6 +178,9 @@ def test_auto_remat_is_save_dots_on_cpu_and_full_elsewhere():
     policies = _remat_policies_in_grad(make_cfg("decoder", layers=2, remat_policy="auto"))
     assert policies and all(p is jax.checkpoint_policies.dots_saveable for p in policies)
     assert _remat_policies_in_grad(make_cfg("decoder", layers=2, remat_policy="none")) == []
+    bf16 = _remat_policies_in_grad(make_cfg("decoder", layers=2, remat_policy="auto",
+                                            dtype="bfloat16"))
+    assert bf16 and all(p is None for p in bf16)  # full: nothing saved inside a layer
 
 
 def _logits_loss_grads(graphdef, params, batch):
@@ -183,10 +188,12 @@ def _logits_loss_grads(graphdef, params, batch):
     return (logits,) + loss_and_grads(graphdef, params, batch)
 
 
-def test_bfloat16_compute_stays_close_to_float32_at_init():
+@pytest.mark.parametrize("arch,tied", [("decoder", True), ("encoder", False),
+                                       ("encoder_decoder", True)])
+def test_bfloat16_compute_stays_close_to_float32_at_init(arch, tied):
     out = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = make_cfg("decoder", layers=4, residual="deepnorm", dtype=dtype)
+        cfg = make_cfg(arch, layers=4, residual="deepnorm", dtype=dtype, tie_embeddings=tied)
         graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # float32 params
         logits, loss, grads = jax.jit(_logits_loss_grads, static_argnums=0)(

@@ -91,7 +91,8 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"{derived['b1']:g} b2={derived['b2']:g}; batch {derived['batch_size']} x "
             f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
-            f"{resolve_remat_policy(model_cfg.remat_policy)}; {hugepages.describe()}")
+            f"{resolve_remat_policy(model_cfg.remat_policy, dtype=model_cfg.dtype)}; "
+            f"{model_cfg.dtype} matmuls; {hugepages.describe()}")
 
 
 def to_host(tree):
