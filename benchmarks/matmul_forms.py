@@ -75,7 +75,8 @@ def main(argv=None) -> float:
     if args.quick:
         shapes, args.repeats = shapes[:1], 5
     print(bc.machine_line() + f"; {hugepages.describe()}")
-    print(f"# GFLOP/s, median of {args.repeats}; m = tokens, k = contracted width, n = output width")
+    print(f"# GFLOP/s, median of {args.repeats}; m = tokens, k = contracted width, "
+          f"n = output width")
     print(f"{'m x k x n':<18}{'form':<20}" + "".join(f"{name:>14}" for name in DTYPES))
     fwd = {}
     for m, k, n in shapes:

@@ -75,9 +75,10 @@ def main(argv=None) -> float:
     ms = statistics.median(wall) * 1e3
     print(bc.machine_line() + f"; {hugepages.describe()}; XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"encoder d={args.d} L={layers} remat={resolve_remat_policy(args.remat, dtype=args.dtype)} "
-          f"{'unrolled' if args.unrolled else 'scan'} {args.dtype} devices={len(devices)}: step ms {ms:.1f}, "
-          f"cpu ms {statistics.median(cpu) * 1e3:.1f}")
+    remat = resolve_remat_policy(args.remat, dtype=args.dtype)
+    print(f"encoder d={args.d} L={layers} remat={remat} "
+          f"{'unrolled' if args.unrolled else 'scan'} {args.dtype} devices={len(devices)}: "
+          f"step ms {ms:.1f}, cpu ms {statistics.median(cpu) * 1e3:.1f}")
     return ms
 
 

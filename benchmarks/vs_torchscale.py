@@ -144,8 +144,8 @@ def main(argv=None) -> float:
           f"{ts.matmul_rate(dtype=args.torch_dtype) / 1e9:.0f} GFLOP/s")
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs on the machine)")
     worst = min(ratios)
-    print(f"RATIO deepnorm/torchscale tokens/s ({args.dtype}/{args.torch_dtype}): min {worst:.2f}x over {len(ratios)} shapes "
-          f"(goal >= 2.00x: {'met' if worst >= 2 else 'NOT met'}); CPU time per step: "
+    print(f"RATIO deepnorm/torchscale tokens/s ({args.dtype}/{args.torch_dtype}): min "
+          f"{worst:.2f}x over {len(ratios)} shapes (goal >= 2.00x: {'met' if worst >= 2 else 'NOT met'}); CPU time per step: "
           f"min {min(cpu_ratios):.2f}x")
     return worst
 

@@ -152,7 +152,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg, gains: dict, *, inner_norm: bool, rngs: nnx.Rngs):
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
-        self.num_heads, self.impl = cfg.num_heads, cfg.attention_impl
+        self.num_heads, self.impl, self.dtype = cfg.num_heads, cfg.attention_impl, dtype
         self.query = Dense(d, d, gain=gains["query"], axes=("embed", "heads"), **kw)
         self.key = Dense(d, d, gain=gains["key"], axes=("embed", "heads"), **kw)
         self.value = Dense(d, d, gain=gains["value"], axes=("embed", "heads"), **kw)
@@ -174,7 +174,7 @@ class Attention(nnx.Module):
         if self.impl is None and jax.default_backend() == "cpu":
             o = einsum_attention(q, k, v, mask_Bx1xTxS, causal)
         else:  # in the compute dtype: cuDNN's kernel takes bfloat16 / float16 only
-            dt = self.out.dtype
+            dt = self.dtype
             o = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
                                              mask=mask_Bx1xTxS, is_causal=causal,
                                              implementation=self.impl)

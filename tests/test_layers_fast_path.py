@@ -2,7 +2,8 @@
 
 einsum_attention replaces jax.nn.dot_product_attention's XLA path for attention_impl=None on
 CPU; fused_projection replaces separate q/k/v matmuls (the parameters, and so DeepNorm's
-per-role init, stay separate).
+per-role init, stay separate); bf16_matmul (model.dtype=bfloat16) is the float32 product of
+bfloat16-rounded inputs, with its hand-written gradients.
 """
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepnorm.layers import Dense, einsum_attention, fused_projection
+from deepnorm.layers import Dense, bf16_matmul, einsum_attention, fused_projection
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -61,7 +62,6 @@ def _bf16(a) -> np.ndarray:
 def test_bf16_matmul_is_the_float_product_of_rounded_inputs_and_its_gradients():
     """y = r(x) r(W); dx = r(g) r(W)^T; dW = r(x)^T r(g), summed over every leading axis,
     with r = rounding to bfloat16 and products summed in float32 (NumPy float64 reference)."""
-    from deepnorm.layers import bf16_matmul
     k = jax.random.split(jax.random.PRNGKey(2), 3)
     x = jax.random.normal(k[0], (2, 5, 12))
     w = jax.random.normal(k[1], (12, 7))
@@ -78,7 +78,6 @@ def test_bf16_matmul_is_the_float_product_of_rounded_inputs_and_its_gradients():
 
 
 def test_bf16_matmul_gradients_keep_the_input_dtypes_and_agree_under_jit():
-    from deepnorm.layers import bf16_matmul
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 6)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.PRNGKey(4), (6, 3))
     loss = lambda x, w: jnp.sum(bf16_matmul(x, w) ** 2)  # noqa: E731
@@ -89,9 +88,20 @@ def test_bf16_matmul_gradients_keep_the_input_dtypes_and_agree_under_jit():
     np.testing.assert_allclose(dw, jdw, rtol=1e-6)
 
 
+def test_bf16_matmul_transposed_kernel_and_bad_axis():
+    """kernel_axis=1 is x @ kernel^T (the tied head); anything else is refused in one line."""
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 3, 8))
+    e = jax.random.normal(jax.random.PRNGKey(7), (5, 8))
+    np.testing.assert_allclose(bf16_matmul(x, e, 1), bf16_matmul(x, e.T, 0), rtol=1e-6)
+    g = jax.grad(lambda e: jnp.sum(bf16_matmul(x, e, 1) ** 2))(e)
+    np.testing.assert_allclose(g, jax.grad(lambda e: jnp.sum(bf16_matmul(x, e.T) ** 2))(e),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"got shape \(5, 8\) and kernel_axis=2"):
+        bf16_matmul(x, e, 2)
+
+
 def test_bfloat16_dense_and_fused_projection_use_bf16_matmul():
     """dtype=bfloat16: Dense is bf16_matmul + bias in float32, and fusing q/k/v changes nothing."""
-    from deepnorm.layers import bf16_matmul
     rngs = nnx.Rngs(0)
     denses = tuple(Dense(8, 8, gain=g, axes=("embed", "heads"), use_bias=True,
                          dtype=jnp.bfloat16, rngs=rngs) for g in (1.0, 1.0, 0.3))

@@ -58,9 +58,10 @@ def test_a_run_completes_and_the_same_command_resumes(tmp_path):
     with open(tmp_path / "summary.json") as f:
         summary = json.load(f)
     assert summary["status"] == "completed" and summary["final_step"] == 2
-    # The start line names the CPU settings in force: auto remat resolved, huge-page malloc.
+    # The start line names the settings in force: auto remat resolved, matmul dtype, malloc.
     malloc = "on" if sys.platform.startswith("linux") else "off"
-    assert f"remat save_dots; float32 matmuls; malloc huge pages {malloc}" in first.stderr, first.stderr[-3000:]
+    settings = f"remat save_dots; float32 matmuls; malloc huge pages {malloc}"
+    assert settings in first.stderr, first.stderr[-3000:]
     again = train_py(*args)  # the same command: finds the finished run, changes nothing
     assert again.returncode == 0 and "already completed 2 steps" in again.stderr
     with open(tmp_path / "summary.json") as f:
