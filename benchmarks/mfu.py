@@ -64,6 +64,7 @@ def main(argv=None) -> float:
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     p.add_argument("--remat", default=None, help="override model.remat_policy")
+    p.add_argument("--unroll", type=int, default=1, help="model.scan_unroll")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
@@ -87,7 +88,8 @@ def main(argv=None) -> float:
         peak = peaks[dtype]
         cfg = TransformerConfig(arch="decoder", num_layers=layers, d_model=d, num_heads=heads,
                                 d_ff=4 * d, residual="deepnorm", dtype=dtype,
-                                remat_policy=remat, attention_impl=impl,
+                                remat_policy=remat, scan_unroll=args.unroll,
+                                attention_impl=impl,
                                 max_len=max(seq, 2048))
         trainer = bc.JaxTrainer(cfg, bc.random_batch(cfg, batch, seq))
         timing = bc.alternate({"step": lambda: trainer.run(args.steps)}, args.rounds)["step"]

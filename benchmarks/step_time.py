@@ -4,6 +4,7 @@
     python benchmarks/step_time.py --d 512 --dtype bfloat16    # bfloat16 matmuls
     python benchmarks/step_time.py --d 256 --remat full
     python benchmarks/step_time.py --d 512 --unrolled
+    python benchmarks/step_time.py --d 64 --unroll 2           # 2 layers per scan-loop trip
     DEEPNORM_PLAIN_MALLOC=1 python benchmarks/step_time.py --d 256        # huge pages off
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/step_time.py --d 256
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_time.py --d 256
@@ -49,6 +50,7 @@ def main(argv=None) -> float:
     p.add_argument("--layers", type=int, default=None, help="default: 100 / 24 / 12 by --d")
     p.add_argument("--remat", default="auto", help="model.remat_policy")
     p.add_argument("--unrolled", action="store_true", help="scan_layers=False")
+    p.add_argument("--unroll", type=int, default=1, help="model.scan_unroll")
     p.add_argument("--dtype", default="float32", help="model.dtype, the matmul compute dtype")
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args(argv)
@@ -57,7 +59,8 @@ def main(argv=None) -> float:
         p.error(f"--d={args.d} has no default depth; give --layers (defaults for {list(LAYERS)})")
     cfg = TransformerConfig(arch="encoder", num_layers=layers, d_model=args.d, num_heads=4,
                             d_ff=4 * args.d, residual="deepnorm", remat_policy=args.remat,
-                            scan_layers=not args.unrolled, dtype=args.dtype)
+                            scan_layers=not args.unrolled, scan_unroll=args.unroll,
+                            dtype=args.dtype)
     batch = bc.random_batch(cfg, 8, 64)
     trainer = bc.JaxTrainer(cfg, batch)
     devices = jax.devices()
@@ -77,7 +80,8 @@ def main(argv=None) -> float:
           f"{os.environ.get('XLA_FLAGS', '')!r}")
     remat = resolve_remat_policy(args.remat, dtype=args.dtype)
     print(f"encoder d={args.d} L={layers} remat={remat} "
-          f"{'unrolled' if args.unrolled else 'scan'} {args.dtype} devices={len(devices)}: "
+          f"{'unrolled' if args.unrolled else f'scan unroll={args.unroll}'} {args.dtype} "
+          f"devices={len(devices)}: "
           f"step ms {ms:.1f}, cpu ms {statistics.median(cpu) * 1e3:.1f}")
     return ms
 

@@ -43,6 +43,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     remat_policy    auto (save_dots on CPU, full elsewhere) | none | full | save_dots |
                     save_dots_no_batch (what a layer keeps for backprop)
     scan_layers     True (one scanned layer; compile time independent of depth)
+    scan_unroll     layers per scan-loop trip (1; 2 was 4-9% faster at four of six CPU
+                    encoder shapes x dtypes, benchmarks/RESULTS.md change 18)
     attention_impl  unset (auto) | xla | cudnn
     """
     fields = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}

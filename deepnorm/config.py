@@ -76,6 +76,11 @@ class TransformerConfig:
     # and full elsewhere (the least memory, what a 1,000-layer model on an accelerator needs).
     remat_policy: str = "auto"
     scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
+    # Layers per trip of the scan loop (jax.lax.scan's unroll). On the 2-core CPU 2 saved
+    # 4-9% of the step at four of six encoder shapes x dtypes and cost 5% at d=64 in float32
+    # (benchmarks/RESULTS.md, change 18), so it is a knob, not a default; the loop body, and with it compile time,
+    # grows k-fold (still flat in depth).
+    scan_unroll: int = 1
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own
     # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention.
     attention_impl: str | None = None
@@ -92,8 +97,12 @@ class TransformerConfig:
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ConfigError(
                 f"model.attention_impl={self.attention_impl!r} is not one of None, xla, cudnn")
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len", "scan_unroll"):
             _positive(name, getattr(self, name))
+        if self.scan_unroll > 1 and not self.scan_layers:
+            raise ConfigError(
+                f"model.scan_unroll={self.scan_unroll} needs model.scan_layers=True (an "
+                "unrolled stack has no loop to unroll)")
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.num_heads="

@@ -182,7 +182,7 @@ class Stack(nnx.Module):
                                   prevent_cse=False)
         xs = (layer_state, consts, keys)
         if cfg.scan_layers:
-            x, stats = jax.lax.scan(body, x_BxTxD, xs)
+            x, stats = jax.lax.scan(body, x_BxTxD, xs, unroll=cfg.scan_unroll)
         else:
             x, per_layer = x_BxTxD, []
             for i in range(self.num_layers):

@@ -136,6 +136,23 @@ def test_scan_and_unrolled_stack_agree():
     assert_trees_close(*results)
 
 
+def test_scan_unroll_reaches_the_scan_and_keeps_loss_and_grads():
+    """3 Mix-LN layers (one Post-LN) with 1, 2 (a remainder layer) and 3 layers per loop trip:
+    the same loss and gradients, and the scan in the jaxpr carries the asked-for unroll."""
+    results = {}
+    for unroll in (1, 2, 3):
+        cfg = make_cfg("decoder", layers=3, residual="mixln", mixln_fraction=0.34,
+                       scan_unroll=unroll)
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(4)), nnx.Param)
+        batch = make_batch(cfg)
+        jaxpr = jax.make_jaxpr(lambda p: loss_and_grads(graphdef, p, batch))(params)  # noqa: B023
+        unrolls = {eqn.params["unroll"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"}
+        assert unrolls == {unroll}, unrolls
+        results[unroll] = jax.jit(loss_and_grads, static_argnums=0)(graphdef, params, batch)
+    assert_trees_close(results[1], results[2])
+    assert_trees_close(results[1], results[3])
+
+
 def test_every_remat_policy_gives_the_same_loss_and_grads():
     results = {}
     for policy in ("none", "full", "save_dots", "save_dots_no_batch", "auto"):
