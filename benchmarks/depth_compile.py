@@ -21,6 +21,7 @@ depth whose compile exceeds ``--unrolled-limit`` seconds.
 
     python benchmarks/depth_compile.py            # 12, 100, 1000 scanned; 12, 24, 48, 96 unrolled
     python benchmarks/depth_compile.py --quick    # 12, 100 scanned; 12, 24 unrolled
+    python benchmarks/depth_compile.py --unroll 2 --unrolled-depths=   # 2 layers per loop trip
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ def abstract_step_args(cfg: TransformerConfig):
     return graphdef, tx, state, batch
 
 
-def compile_seconds(num_layers: int, scan: bool) -> tuple[float, float, float]:
+def compile_seconds(num_layers: int, scan: bool,
+                    unroll: int = 1) -> tuple[float, float, float]:
     """(lowering s, XLA compile s, process CPU s of both) of one training step, cold."""
     cfg = TransformerConfig(arch="decoder", num_layers=num_layers, residual="deepnorm",
-                            scan_layers=scan, **WIDTH)
+                            scan_layers=scan, scan_unroll=unroll if scan else 1, **WIDTH)
     graphdef, tx, state, batch = abstract_step_args(cfg)
     jax.clear_caches()
     step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0)
@@ -79,15 +81,15 @@ def compile_seconds(num_layers: int, scan: bool) -> tuple[float, float, float]:
     return t1 - t0, time.perf_counter() - t1, time.process_time() - c0
 
 
-def measure(depths, scan: bool, repeats: int,
-            limit: float | None = None) -> dict[int, tuple[float, float]]:
+def measure(depths, scan: bool, repeats: int, limit: float | None = None,
+            unroll: int = 1) -> dict[int, tuple[float, float]]:
     """Median total compile seconds per depth, depths alternated round by round. With
     ``limit``, the first (ascending) round stops at the first depth slower than ``limit``."""
     samples: dict[int, list[tuple[float, float, float]]] = {}
     active = list(depths)
     for r in range(repeats):
         for depth in (active if r % 2 == 0 else active[::-1]):
-            low, comp, cpu = compile_seconds(depth, scan)
+            low, comp, cpu = compile_seconds(depth, scan, unroll)
             samples.setdefault(depth, []).append((low, comp, cpu))
             print(f"#   {'scan' if scan else 'unrolled'} {depth} layers, round {r + 1}: "
                   f"{low + comp:.2f} s", file=sys.stderr, flush=True)
@@ -118,6 +120,8 @@ def main(argv=None) -> None:
                         help="stop the unrolled series after a compile slower than this (s)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating rounds; each depth reports its median")
+    parser.add_argument("--unroll", type=int, default=1,
+                        help="model.scan_unroll of the scanned stack (layers per loop trip)")
     parser.add_argument("--quick", action="store_true",
                         help="12,100 scanned and 12,24 unrolled, one repeat")
     args = parser.parse_args(argv)
@@ -130,12 +134,13 @@ def main(argv=None) -> None:
     print(f"# {' '.join(sys.argv)}")
     print(f"# train step (make_train_step: fwd + bwd + adam + per-layer diagnostics), decoder, "
           f"residual=deepnorm, d_model={WIDTH['d_model']}, heads={WIDTH['num_heads']}, "
-          f"d_ff={WIDTH['d_ff']}, batch {BATCH}x{SEQ}; median of {args.repeats} alternating "
+          f"d_ff={WIDTH['d_ff']}, batch {BATCH}x{SEQ}; scan_unroll={args.unroll}; median of "
+          f"{args.repeats} alternating "
           "round(s)")
     print(f"# load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| stack    | layers | lower s | compile s | total s |   cpu s |")
     print("|----------|-------:|--------:|----------:|--------:|--------:|")
-    scanned = measure(depths, scan=True, repeats=args.repeats)
+    scanned = measure(depths, scan=True, repeats=args.repeats, unroll=args.unroll)
     anchor = measure(unrolled, scan=False, repeats=args.repeats, limit=args.unrolled_limit)
 
     def ratio(table, a, b):

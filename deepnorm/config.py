@@ -78,8 +78,8 @@ class TransformerConfig:
     scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
     # Layers per trip of the scan loop (jax.lax.scan's unroll). On the 2-core CPU 2 saved
     # 4-9% of the step at four of six encoder shapes x dtypes and cost 5% at d=64 in float32
-    # (benchmarks/RESULTS.md, change 18), so it is a knob, not a default; the loop body, and with it compile time,
-    # grows k-fold (still flat in depth).
+    # (benchmarks/RESULTS.md, change 18), so it is a knob, not a default. The loop body grows
+    # k-fold and compile time with it (1.3x at 2), still flat in depth.
     scan_unroll: int = 1
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own
     # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention.
