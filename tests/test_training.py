@@ -315,3 +315,19 @@ def test_unknown_config_argument_is_rejected():
     from configs import deepnorm as dn
     with pytest.raises(ValueError, match="'fast' is not known"):
         dn.get_config("fast")
+
+
+def test_start_line_names_the_scan_unroll_when_it_is_not_one():
+    import dataclasses
+    import types
+
+    from deepnorm.training import loop
+
+    config = base.get_config(dict(arch="decoder", num_layers=2, d_model=16, num_heads=2,
+                                  d_ff=32, residual="deepnorm"))
+    one_device = types.SimpleNamespace(shape={"data": 1})
+    for unroll, expected in ((1, "; float32 matmuls"), (2, "; 2 layers per scan trip; float32")):
+        cfg = dataclasses.replace(TransformerConfig.from_mapping(config.model), scan_unroll=unroll)
+        line = loop._start_line(cfg, loop.derived_constants(cfg, config), 1, one_device)
+        assert expected in line, line
+        assert ("scan trip" in line) == (unroll > 1), line

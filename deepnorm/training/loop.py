@@ -92,7 +92,9 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
             f"{resolve_remat_policy(model_cfg.remat_policy, dtype=model_cfg.dtype)}; "
-            f"{model_cfg.dtype} matmuls; {hugepages.describe()}")
+            + (f"{model_cfg.scan_unroll} layers per scan trip; " if model_cfg.scan_unroll > 1
+               else "")
+            + f"{model_cfg.dtype} matmuls; {hugepages.describe()}")
 
 
 def to_host(tree):
