@@ -2,6 +2,7 @@
 
     python benchmarks/mfu.py            # CPU: d=512 x 12 layers (goal >= 50%); GPU: see below
     python benchmarks/mfu.py --quick    # smoke run
+    python benchmarks/mfu.py --unrolled # the stack as a Python loop (scan_layers=False)
 
 MFU = model FLOPs per step / step time / peak FLOP/s.
 * Model FLOPs: ``bench_common.forward_flops`` x 3 (forward + backward), counted from the shapes:
@@ -65,7 +66,10 @@ def main(argv=None) -> float:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     p.add_argument("--remat", default=None, help="override model.remat_policy")
     p.add_argument("--unroll", type=int, default=1, help="model.scan_unroll")
+    p.add_argument("--unrolled", action="store_true", help="model.scan_layers=False")
     args = p.parse_args(argv)
+    if args.unrolled and args.unroll != 1:
+        p.error(f"--unroll={args.unroll} needs the scanned stack; drop --unrolled")
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
@@ -80,6 +84,8 @@ def main(argv=None) -> float:
         print(f"# measured peak: {peak_n}^3 {dt} matmul (float32 sums) through XLA = "
               f"{peak / 1e9:,.0f} GFLOP/s" + (f"; nominal {nominal / 1e12:.0f} TFLOP/s"
                                                if nominal else ""))
+    print("# stack: " + ("unrolled (scan_layers=False)" if args.unrolled
+                         else f"scanned, scan_unroll={args.unroll}"))
     print(f"{'shape':<26}{'remat':>10}{'GFLOP/step':>12}{'step ms':>10}{'GFLOP/s':>10}"
           f"{'MFU':>8}" + (f"{'MFU nominal':>13}" if nominal else ""))
     mfus = []
@@ -88,7 +94,8 @@ def main(argv=None) -> float:
         peak = peaks[dtype]
         cfg = TransformerConfig(arch="decoder", num_layers=layers, d_model=d, num_heads=heads,
                                 d_ff=4 * d, residual="deepnorm", dtype=dtype,
-                                remat_policy=remat, scan_unroll=args.unroll,
+                                remat_policy=remat, scan_layers=not args.unrolled,
+                                scan_unroll=args.unroll,
                                 attention_impl=impl,
                                 max_len=max(seq, 2048))
         trainer = bc.JaxTrainer(cfg, bc.random_batch(cfg, batch, seq))

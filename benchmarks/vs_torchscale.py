@@ -6,6 +6,7 @@
     python benchmarks/vs_torchscale.py --dtype bfloat16   # bfloat16 matmuls on both sides
     python benchmarks/vs_torchscale.py --dtype bfloat16 --torch-dtype float32   # mixed
     python benchmarks/vs_torchscale.py --unroll 2       # deepnorm: 2 layers per scan-loop trip
+    python benchmarks/vs_torchscale.py --unrolled       # deepnorm: no scan, a Python loop of layers
 
 Both sides compute the same thing (checked by the printed parameter counts and initial losses):
 token embedding x sqrt(d) + fixed sinusoidal positions -> L Post-LN DeepNorm layers
@@ -65,12 +66,14 @@ BATCH, SEQ, HEADS, VOCAB = 8, 64, 4, 260
 
 
 def model_config(arch: str, d: int, n: int, m: int, remat: str,
-                 dtype: str = "float32", unroll: int = 1) -> TransformerConfig:
+                 dtype: str = "float32", unroll: int = 1,
+                 scan: bool = True) -> TransformerConfig:
     layers = (dict(num_layers=n) if arch == "encoder"
               else dict(num_encoder_layers=n, num_decoder_layers=m))
     return TransformerConfig(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, vocab_size=VOCAB,
                              norm="layernorm", residual="deepnorm", dropout_rate=0.0,
-                             dtype=dtype, remat_policy=remat, scan_unroll=unroll, **layers)
+                             dtype=dtype, remat_policy=remat, scan_layers=scan,
+                             scan_unroll=unroll, **layers)
 
 
 def main(argv=None) -> float:
@@ -85,9 +88,13 @@ def main(argv=None) -> float:
     p.add_argument("--torch-dtype", default=None, choices=("float32", "bfloat16"),
                    help="torchscale's matmul dtype, if not --dtype")
     p.add_argument("--unroll", type=int, default=1, help="deepnorm model.scan_unroll")
+    p.add_argument("--unrolled", action="store_true",
+                   help="deepnorm model.scan_layers=False (faster at d >= 256 on CPU)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = p.parse_args(argv)
     args.torch_dtype = args.torch_dtype or args.dtype
+    if args.unrolled and args.unroll != 1:
+        p.error(f"--unroll={args.unroll} needs the scanned stack; drop --unrolled")
     shapes = SHAPES
     if args.quick:
         shapes, args.rounds, args.steps = [SHAPES[0], SHAPES[3]], 3, 1
@@ -98,14 +105,16 @@ def main(argv=None) -> float:
           f"(OMP_WAIT_POLICY: the faster of unset / PASSIVE per shape); XLA default pool; "
           f"batch {BATCH}x{SEQ}; matmuls: deepnorm {args.dtype}, torchscale "
           f"{args.torch_dtype}; deepnorm remat_policy="
-          f"{resolve_remat_policy(args.remat, dtype=args.dtype)}, scan_unroll={args.unroll}; "
+          f"{resolve_remat_policy(args.remat, dtype=args.dtype)}, "
+          f"{'unrolled stack' if args.unrolled else f'scan_unroll={args.unroll}'}; "
           f"median of {args.rounds} alternating rounds x {args.steps} steps")
     print(f"{'shape':<19}{'params':>11}{'loss0 jax/torch':>17}{'deepnorm ms':>13}"
           f"{'torchscale ms':>15}{'deepnorm tok/s':>16}{'torchscale tok/s':>18}{'ratio':>7}"
           f"{'cpu-time ratio':>16}")
     ratios, cpu_ratios = [], []
     for name, arch, d, n, m in shapes:
-        cfg = model_config(arch, d, n, m, args.remat, args.dtype, args.unroll)
+        cfg = model_config(arch, d, n, m, args.remat, args.dtype, args.unroll,
+                           scan=not args.unrolled)
         batch = bc.random_batch(cfg, BATCH, SEQ)
         jx = bc.Worker(bc.build_jax_trainer, dataclasses.asdict(cfg), batch)
         torch_args = dict(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, layers=n,

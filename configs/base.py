@@ -42,7 +42,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     dtype           float32 | bfloat16 (compute; params and norm statistics stay float32)
     remat_policy    auto (save_dots on CPU, full elsewhere) | none | full | save_dots |
                     save_dots_no_batch (what a layer keeps for backprop)
-    scan_layers     True (one scanned layer; compile time independent of depth)
+    scan_layers     True (one scanned layer; compile time independent of depth); False: a
+                    Python loop, 6-10% faster for shallow d >= 256 stacks on CPU
+                    (benchmarks/RESULTS.md change 19)
     scan_unroll     layers per scan-loop trip (1; 2 was 4-9% faster at four of six CPU
                     encoder shapes x dtypes, benchmarks/RESULTS.md change 18)
     attention_impl  unset (auto) | xla | cudnn

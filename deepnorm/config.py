@@ -75,7 +75,11 @@ class TransformerConfig:
     # save_dots on CPU in float32 and full in bfloat16 (the fastest there: benchmarks/RESULTS.md)
     # and full elsewhere (the least memory, what a 1,000-layer model on an accelerator needs).
     remat_policy: str = "auto"
-    scan_layers: bool = True  # False unrolls the stack in Python (compile-time anchor only)
+    # False runs the layers as a Python loop: compile time grows with depth (~0.5 s a layer on
+    # CPU), but there are no stacked scan buffers to fill, write and read. On the 2-core CPU that
+    # was 6-10% less step time for d >= 256 encoders of 12-24 layers, no gain for the d=128
+    # configs/deepnorm.py and 8% more at d=64 x 100 (benchmarks/RESULTS.md, change 19).
+    scan_layers: bool = True
     # Layers per trip of the scan loop (jax.lax.scan's unroll). On the 2-core CPU 2 saved
     # 4-9% of the step at four of six encoder shapes x dtypes and cost 5% at d=64 in float32
     # (benchmarks/RESULTS.md, change 18), so it is a knob, not a default. The loop body grows

@@ -139,7 +139,8 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-    """L identical blocks with stacked parameters, run by one scan (or unrolled, for anchors)."""
+    """L identical blocks with stacked parameters, run by one scan (``scan_layers=False``: a
+    Python loop over the same stacked arrays, for compile-time anchors and shallow CPU runs)."""
 
     def __init__(self, cfg: TransformerConfig, name: str, *, rngs: nnx.Rngs):
         self.config, self.name = cfg, name
@@ -185,13 +186,26 @@ class Stack(nnx.Module):
             x, stats = jax.lax.scan(body, x_BxTxD, xs, unroll=cfg.scan_unroll)
         else:
             x, per_layer = x_BxTxD, []
-            for i in range(self.num_layers):
-                x, s = body(x, jax.tree.map(lambda a: a[i], xs))
+            for layer_xs in unstack_layers(xs):
+                x, s = body(x, layer_xs)
                 per_layer.append(s)
             stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, stats
+
+
+def unstack_layers(tree) -> list:
+    """A tree of [L, ...] arrays as L trees of [...] arrays, for the unrolled stack.
+
+    ``jnp.unstack``, not ``a[i]`` per layer: the gradient of one unstack is one stack per
+    parameter, while L separate index ops make L zero-padded gradients that XLA adds up, O(L^2)
+    memory traffic (d=512 x 12 float32 on CPU: 1,320 ms per step with indexing, 762 with
+    unstack; benchmarks/RESULTS.md change 19).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    columns = [jnp.unstack(leaf) for leaf in leaves]
+    return [treedef.unflatten(list(row)) for row in zip(*columns)]
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

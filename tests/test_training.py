@@ -317,7 +317,7 @@ def test_unknown_config_argument_is_rejected():
         dn.get_config("fast")
 
 
-def test_start_line_names_the_scan_unroll_when_it_is_not_one():
+def test_start_line_names_the_stack_when_it_is_not_a_one_layer_scan():
     import dataclasses
     import types
 
@@ -326,8 +326,12 @@ def test_start_line_names_the_scan_unroll_when_it_is_not_one():
     config = base.get_config(dict(arch="decoder", num_layers=2, d_model=16, num_heads=2,
                                   d_ff=32, residual="deepnorm"))
     one_device = types.SimpleNamespace(shape={"data": 1})
-    for unroll, expected in ((1, "; float32 matmuls"), (2, "; 2 layers per scan trip; float32")):
-        cfg = dataclasses.replace(TransformerConfig.from_mapping(config.model), scan_unroll=unroll)
+    for scan, unroll, expected in ((True, 1, "; float32 matmuls"),
+                                   (True, 2, "; 2 layers per scan trip; float32"),
+                                   (False, 1, "; unrolled stack; float32")):
+        cfg = dataclasses.replace(TransformerConfig.from_mapping(config.model),
+                                  scan_layers=scan, scan_unroll=unroll)
         line = loop._start_line(cfg, loop.derived_constants(cfg, config), 1, one_device)
         assert expected in line, line
         assert ("scan trip" in line) == (unroll > 1), line
+        assert ("unrolled" in line) == (not scan), line

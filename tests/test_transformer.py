@@ -136,6 +136,28 @@ def test_scan_and_unrolled_stack_agree():
     assert_trees_close(*results)
 
 
+def test_unrolled_stack_unstacks_once_and_matches_scan_under_dropout():
+    """The unrolled path takes each layer's parameters and dropout key from one jnp.unstack: its
+    gradient is one stack per stacked array (no per-layer pad or update-slice, whose sum cost
+    O(L^2) memory traffic), and with dropout on it draws the same masks as the scan."""
+    x, key = tokens((2, 6)), jax.random.PRNGKey(3)
+    results = []
+    for scan in (True, False):
+        cfg = make_cfg("decoder", layers=3, residual="pre", dropout_rate=0.3, scan_layers=scan)
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(2)), nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            logits = nnx.merge(graphdef, p)(x, deterministic=False, dropout_key=key)[0]
+            return jnp.mean(logits ** 2)
+
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    assert_trees_close(*results)
+    unrolled_grad = jax.make_jaxpr(jax.value_and_grad(loss))(params)  # the last: scan=False
+    prims = {eqn.primitive.name for eqn in unrolled_grad.jaxpr.eqns}
+    assert "unstack" in prims and "stack" in prims, prims
+    assert not prims & {"pad", "dynamic_update_slice", "scan"}, prims
+
+
 def test_scan_unroll_reaches_the_scan_and_keeps_loss_and_grads():
     """3 Mix-LN layers (one Post-LN) with 1, 2 (a remainder layer) and 3 layers per loop trip:
     the same loss and gradients, and the scan in the jaxpr carries the asked-for unroll."""

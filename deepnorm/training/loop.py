@@ -79,6 +79,13 @@ def derived_constants(model_cfg: TransformerConfig, config) -> dict:
     return out
 
 
+def _stack_words(model_cfg: TransformerConfig) -> str:
+    """How the layers run, in the start line when it is not the default one-layer scan."""
+    if not model_cfg.scan_layers:
+        return "unrolled stack; "
+    return f"{model_cfg.scan_unroll} layers per scan trip; " if model_cfg.scan_unroll > 1 else ""
+
+
 def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, mesh) -> str:
     stacks = "; ".join(
         f"{s} alpha={derived[f'{s}_alpha']:.4g} beta(branch gain)="
@@ -92,8 +99,7 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
             f"{resolve_remat_policy(model_cfg.remat_policy, dtype=model_cfg.dtype)}; "
-            + (f"{model_cfg.scan_unroll} layers per scan trip; " if model_cfg.scan_unroll > 1
-               else "")
+            + _stack_words(model_cfg)
             + f"{model_cfg.dtype} matmuls; {hugepages.describe()}")
 
 
