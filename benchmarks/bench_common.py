@@ -92,6 +92,22 @@ def alternate(runners: dict[str, Callable[[], None]], rounds: int) -> dict[str, 
             for name in runners}
 
 
+def add_stack_flags(parser, prefix: str = "") -> None:
+    """``--unroll K`` (model.scan_unroll) and ``--unrolled`` (model.scan_layers=False)."""
+    parser.add_argument("--unroll", type=int, default=1, help=f"{prefix}model.scan_unroll")
+    parser.add_argument("--unrolled", action="store_true",
+                        help=f"{prefix}model.scan_layers=False (a Python loop of layers)")
+
+
+def stack_options(parser, args) -> tuple[dict, str]:
+    """The config keys ``add_stack_flags`` set, and words for a header line; a bad pair is a
+    one-line parser error, not the config's traceback."""
+    if args.unrolled and args.unroll != 1:
+        parser.error(f"--unroll={args.unroll} needs the scanned stack; drop --unrolled")
+    words = "unrolled stack" if args.unrolled else f"scan_unroll={args.unroll}"
+    return dict(scan_layers=not args.unrolled, scan_unroll=args.unroll), words
+
+
 def random_batch(cfg: TransformerConfig, batch: int, seq: int, seed: int = 0) -> dict:
     """A batch of random non-pad tokens (ids 1..V-1) with all weights 1, as numpy arrays."""
     rng = np.random.default_rng(seed)

@@ -65,11 +65,9 @@ def main(argv=None) -> float:
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     p.add_argument("--remat", default=None, help="override model.remat_policy")
-    p.add_argument("--unroll", type=int, default=1, help="model.scan_unroll")
-    p.add_argument("--unrolled", action="store_true", help="model.scan_layers=False")
+    bc.add_stack_flags(p)
     args = p.parse_args(argv)
-    if args.unrolled and args.unroll != 1:
-        p.error(f"--unroll={args.unroll} needs the scanned stack; drop --unrolled")
+    stack, stack_words = bc.stack_options(p, args)
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
@@ -84,8 +82,7 @@ def main(argv=None) -> float:
         print(f"# measured peak: {peak_n}^3 {dt} matmul (float32 sums) through XLA = "
               f"{peak / 1e9:,.0f} GFLOP/s" + (f"; nominal {nominal / 1e12:.0f} TFLOP/s"
                                                if nominal else ""))
-    print("# stack: " + ("unrolled (scan_layers=False)" if args.unrolled
-                         else f"scanned, scan_unroll={args.unroll}"))
+    print(f"# stack: {stack_words}")
     print(f"{'shape':<26}{'remat':>10}{'GFLOP/step':>12}{'step ms':>10}{'GFLOP/s':>10}"
           f"{'MFU':>8}" + (f"{'MFU nominal':>13}" if nominal else ""))
     mfus = []
@@ -94,8 +91,7 @@ def main(argv=None) -> float:
         peak = peaks[dtype]
         cfg = TransformerConfig(arch="decoder", num_layers=layers, d_model=d, num_heads=heads,
                                 d_ff=4 * d, residual="deepnorm", dtype=dtype,
-                                remat_policy=remat, scan_layers=not args.unrolled,
-                                scan_unroll=args.unroll,
+                                remat_policy=remat, **stack,
                                 attention_impl=impl,
                                 max_len=max(seq, 2048))
         trainer = bc.JaxTrainer(cfg, bc.random_batch(cfg, batch, seq))

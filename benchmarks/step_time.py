@@ -49,18 +49,17 @@ def main(argv=None) -> float:
     p.add_argument("--d", type=int, default=64, help="d_model (64, 256, 512 have default depths)")
     p.add_argument("--layers", type=int, default=None, help="default: 100 / 24 / 12 by --d")
     p.add_argument("--remat", default="auto", help="model.remat_policy")
-    p.add_argument("--unrolled", action="store_true", help="scan_layers=False")
-    p.add_argument("--unroll", type=int, default=1, help="model.scan_unroll")
+    bc.add_stack_flags(p)
     p.add_argument("--dtype", default="float32", help="model.dtype, the matmul compute dtype")
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args(argv)
     layers = args.layers or LAYERS.get(args.d)
     if not layers:
         p.error(f"--d={args.d} has no default depth; give --layers (defaults for {list(LAYERS)})")
+    stack, stack_words = bc.stack_options(p, args)
     cfg = TransformerConfig(arch="encoder", num_layers=layers, d_model=args.d, num_heads=4,
                             d_ff=4 * args.d, residual="deepnorm", remat_policy=args.remat,
-                            scan_layers=not args.unrolled, scan_unroll=args.unroll,
-                            dtype=args.dtype)
+                            dtype=args.dtype, **stack)
     batch = bc.random_batch(cfg, 8, 64)
     trainer = bc.JaxTrainer(cfg, batch)
     devices = jax.devices()
@@ -80,7 +79,7 @@ def main(argv=None) -> float:
           f"{os.environ.get('XLA_FLAGS', '')!r}")
     remat = resolve_remat_policy(args.remat, dtype=args.dtype)
     print(f"encoder d={args.d} L={layers} remat={remat} "
-          f"{'unrolled' if args.unrolled else f'scan unroll={args.unroll}'} {args.dtype} "
+          f"{stack_words} {args.dtype} "
           f"devices={len(devices)}: "
           f"step ms {ms:.1f}, cpu ms {statistics.median(cpu) * 1e3:.1f}")
     return ms

@@ -66,14 +66,13 @@ BATCH, SEQ, HEADS, VOCAB = 8, 64, 4, 260
 
 
 def model_config(arch: str, d: int, n: int, m: int, remat: str,
-                 dtype: str = "float32", unroll: int = 1,
-                 scan: bool = True) -> TransformerConfig:
+                 dtype: str = "float32", **stack) -> TransformerConfig:
+    """``stack``: scan_layers / scan_unroll (``bench_common.stack_options``)."""
     layers = (dict(num_layers=n) if arch == "encoder"
               else dict(num_encoder_layers=n, num_decoder_layers=m))
     return TransformerConfig(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, vocab_size=VOCAB,
                              norm="layernorm", residual="deepnorm", dropout_rate=0.0,
-                             dtype=dtype, remat_policy=remat, scan_layers=scan,
-                             scan_unroll=unroll, **layers)
+                             dtype=dtype, remat_policy=remat, **stack, **layers)
 
 
 def main(argv=None) -> float:
@@ -87,14 +86,11 @@ def main(argv=None) -> float:
                    help="matmul dtype on both sides (bfloat16: torch autocast)")
     p.add_argument("--torch-dtype", default=None, choices=("float32", "bfloat16"),
                    help="torchscale's matmul dtype, if not --dtype")
-    p.add_argument("--unroll", type=int, default=1, help="deepnorm model.scan_unroll")
-    p.add_argument("--unrolled", action="store_true",
-                   help="deepnorm model.scan_layers=False (faster at d >= 256 on CPU)")
+    bc.add_stack_flags(p, prefix="deepnorm ")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = p.parse_args(argv)
     args.torch_dtype = args.torch_dtype or args.dtype
-    if args.unrolled and args.unroll != 1:
-        p.error(f"--unroll={args.unroll} needs the scanned stack; drop --unrolled")
+    stack, stack_words = bc.stack_options(p, args)
     shapes = SHAPES
     if args.quick:
         shapes, args.rounds, args.steps = [SHAPES[0], SHAPES[3]], 3, 1
@@ -105,16 +101,14 @@ def main(argv=None) -> float:
           f"(OMP_WAIT_POLICY: the faster of unset / PASSIVE per shape); XLA default pool; "
           f"batch {BATCH}x{SEQ}; matmuls: deepnorm {args.dtype}, torchscale "
           f"{args.torch_dtype}; deepnorm remat_policy="
-          f"{resolve_remat_policy(args.remat, dtype=args.dtype)}, "
-          f"{'unrolled stack' if args.unrolled else f'scan_unroll={args.unroll}'}; "
+          f"{resolve_remat_policy(args.remat, dtype=args.dtype)}, {stack_words}; "
           f"median of {args.rounds} alternating rounds x {args.steps} steps")
     print(f"{'shape':<19}{'params':>11}{'loss0 jax/torch':>17}{'deepnorm ms':>13}"
           f"{'torchscale ms':>15}{'deepnorm tok/s':>16}{'torchscale tok/s':>18}{'ratio':>7}"
           f"{'cpu-time ratio':>16}")
     ratios, cpu_ratios = [], []
     for name, arch, d, n, m in shapes:
-        cfg = model_config(arch, d, n, m, args.remat, args.dtype, args.unroll,
-                           scan=not args.unrolled)
+        cfg = model_config(arch, d, n, m, args.remat, args.dtype, **stack)
         batch = bc.random_batch(cfg, BATCH, SEQ)
         jx = bc.Worker(bc.build_jax_trainer, dataclasses.asdict(cfg), batch)
         torch_args = dict(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, layers=n,
