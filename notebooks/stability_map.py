@@ -34,6 +34,7 @@
 # %%
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -106,3 +107,9 @@ for scheme in GRID["schemes"]:
 # crosses appear only with much larger learning rates. And 150 steps of a 64-wide model are
 # far from the papers' runs; the map shows *which* configurations fail to start training,
 # which is the instability the papers study, not how well the survivors end up.
+
+# %% [markdown]
+# The cells were kept on disk only for the rerun above; the map itself is in `cells`.
+
+# %%
+shutil.rmtree(OUT)
