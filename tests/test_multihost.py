@@ -85,6 +85,8 @@ def wait_for_step(procs, workdir, step, timeout=300):
                 if any(json.loads(line)["step"] >= step for line in f if line.endswith("\n")):
                     return
         time.sleep(0.02)
+    for proc in procs:
+        proc.kill()
     raise TimeoutError(f"step {step} not reached")
 
 
