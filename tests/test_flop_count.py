@@ -21,17 +21,6 @@ from deepnorm import Transformer, TransformerConfig  # noqa: E402
 from deepnorm.training.loss import loss_fn  # noqa: E402
 
 
-def sub_jaxprs(value):
-    """The jaxprs held in one equation parameter (a jaxpr, a closed one, or a tuple of them)."""
-    if isinstance(value, jax.extend.core.ClosedJaxpr):
-        return [value.jaxpr]
-    if isinstance(value, jax.extend.core.Jaxpr):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [j for v in value for j in sub_jaxprs(v)]
-    return []
-
-
 def dot_flops(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
@@ -41,13 +30,9 @@ def dot_flops(jaxpr) -> int:
             out_size = math.prod(eqn.outvars[0].aval.shape)
             total += 2 * out_size * math.prod(lhs_shape[i] for i in lhs_contract)
             continue
-        trips = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        if eqn.primitive.name == "cond":  # one branch runs
-            total += max(dot_flops(j) for j in sub_jaxprs(eqn.params["branches"]))
-            continue
-        for value in eqn.params.values():
-            for inner in sub_jaxprs(value):
-                total += trips * dot_flops(inner)
+        inner = [dot_flops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)]
+        trips = eqn.params["length"] if eqn.primitive.name == "scan" else 1  # body per trip
+        total += max(inner) if eqn.primitive.name == "cond" else trips * sum(inner)  # 1 branch
     return total
 
 
