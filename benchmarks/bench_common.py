@@ -45,8 +45,7 @@ def machine_line() -> str:
     dev = jax.devices()[0]
     where = (f"{dev.platform}: {getattr(dev, 'device_kind', '')}" if dev.platform != "cpu"
              else f"cpu: {cpu_model()}, {os.cpu_count()} cores")
-    return (f"# {where}; jax {jax.__version__}; {datetime.date.today().isoformat()}; "
-            f"load average {os.getloadavg()[0]:.1f}")
+    return f"# {where}; jax {jax.__version__}; {datetime.date.today().isoformat()}"
 
 
 def median_seconds(fn: Callable[[], None], repeats: int) -> float:
@@ -214,7 +213,7 @@ def _worker_main(conn, build, args) -> None:
             return
         # One untimed step first: after the pause between turns the first step of a turn ran
         # up to 25% slower for JAX (d=64 x 100: ~510 vs ~415 ms; thread pool and caches gone
-        # cold, RESULTS.md change 16), a cost of the alternation, not of either framework.
+        # cold), a cost of the alternation, not of either framework.
         runner.run(1)
         t0, c0 = time.perf_counter(), time.process_time()
         runner.run(n)

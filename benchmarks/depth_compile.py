@@ -13,7 +13,7 @@ after ``jax.clear_caches()``. The depths are measured in alternation (12, 100, 1
 shared machine's load hits every depth alike. Tracing/lowering and XLA compilation are printed
 separately; the ratio uses their sum. The process CPU time of the same span is printed too
 (``cpu s``, all threads): on a machine shared with other jobs it is far less sensitive to their
-load than the wall clock, so the script prints the ratio of both and the load average.
+load than the wall clock, so the script prints the ratio of both.
 
 The anchor is the same step with ``scan_layers=False`` (a Python loop over the layers), whose
 compile time grows with depth; it is measured at ``--unrolled-depths`` and stops at the first
@@ -27,7 +27,6 @@ depth whose compile exceeds ``--unrolled-limit`` seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -137,7 +136,6 @@ def main(argv=None) -> None:
           f"d_ff={WIDTH['d_ff']}, batch {BATCH}x{SEQ}; scan_unroll={args.unroll}; median of "
           f"{args.repeats} alternating "
           "round(s)")
-    print(f"# load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| stack    | layers | lower s | compile s | total s |   cpu s |")
     print("|----------|-------:|--------:|----------:|--------:|--------:|")
     scanned = measure(depths, scan=True, repeats=args.repeats, unroll=args.unroll)
@@ -146,7 +144,6 @@ def main(argv=None) -> None:
     def ratio(table, a, b):
         return (f"{table[a][0] / table[b][0]:.2f} wall, {table[a][1] / table[b][1]:.2f} cpu")
 
-    print(f"# load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     lo, hi = depths[0], depths[-1]
     print(f"scan:     compile({hi})/compile({lo}) = {ratio(scanned, hi, lo)}  (goal <= 1.5)")
     if len(anchor) > 1:

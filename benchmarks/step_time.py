@@ -14,8 +14,7 @@ The step is the JAX side of vs_torchscale (``bench_common.JaxTrainer``: loss, gr
 DeepNorm encoder, 4 heads, d_ff = 4 d, batch 8 x 64 of random tokens). Two warm-up steps, then
 the median of ``--rounds`` timings of 2 steps; prints milliseconds per step, wall and process
 CPU time. Run each variant in its own process (flags act at start-up) and alternate them by
-hand; this machine's noise between identical runs was ~5% (benchmarks/RESULTS.md, changes 8-14,
-which this script's timing produced).
+hand; on a 2-core CPU the noise between identical runs was ~5%.
 """
 
 from __future__ import annotations

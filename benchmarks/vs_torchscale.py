@@ -156,7 +156,6 @@ def main(argv=None) -> float:
     print(f"# matmul 2048^3 on this machine: XLA {args.dtype} "
           f"{xla_peak / 1e9:.0f} GFLOP/s (the ceiling's peak), torch {args.torch_dtype} "
           f"{ts.matmul_rate(dtype=args.torch_dtype) / 1e9:.0f} GFLOP/s")
-    print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs on the machine)")
     worst = min(ratios)
     print(f"RATIO deepnorm/torchscale tokens/s ({args.dtype}/{args.torch_dtype}): min "
           f"{worst:.2f}x over {len(ratios)} shapes (goal >= 2.00x: {'met' if worst >= 2 else 'NOT met'}); CPU time per step: "

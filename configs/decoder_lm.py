@@ -3,7 +3,7 @@ next-byte prediction on the stdlib corpus.
 
     python train.py --config=configs/decoder_lm.py --config.train.num_steps=50 --workdir=runs/lm
 
-Expect (measured on the 2-core CPU machine): exit 0 in ~75 s on 2 CPU cores; loss 7.45 at step
+Expect (measured on a 2-core CPU): exit 0 in ~75 s on 2 CPU cores; loss 7.45 at step
 1 -> 3.21 at step 50, eval loss 3.27 (perplexity 26.3).
 """
 

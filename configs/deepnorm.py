@@ -7,7 +7,7 @@ smoothing 0.1 as in the paper; small enough for a CPU.
 
     python train.py --config=configs/deepnorm.py --config.train.num_steps=50 --workdir=runs/dn
 
-Expect (measured on the 2-core CPU machine): exit 0 after 57 s (compile included); loss 8.00
+Expect (measured on a 2-core CPU): exit 0 after 57 s (compile included); loss 8.00
 at step 1 -> 3.49 at step 50, eval loss 3.16 (perplexity 23.5); a checkpoint at step 50;
 summary.json status "completed". Step 1 sits above ln 260 = 5.56 because DeepNorm's alpha
 keeps each token's own embedding dominant, so the tied output head first predicts the input

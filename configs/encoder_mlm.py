@@ -3,7 +3,7 @@
 
     python train.py --config=configs/encoder_mlm.py --config.train.num_steps=50 --workdir=runs/mlm
 
-Expect (measured on the 2-core CPU machine): exit 0 in ~85 s on 2 CPU cores; loss 7.78 at step
+Expect (measured on a 2-core CPU): exit 0 in ~85 s on 2 CPU cores; loss 7.78 at step
 1 -> 3.16 at step 50, eval loss 3.07 (perplexity 21.5) on the masked positions.
 """
 

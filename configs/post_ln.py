@@ -3,7 +3,7 @@ optimizer as configs/deepnorm.py, so the two runs differ only in the residual sc
 
     python train.py --config=configs/post_ln.py --config.train.num_steps=50 --workdir=runs/post
 
-Expect (measured on the 2-core CPU machine): exit 0 in ~40 s on 2 CPU cores; loss 5.85 at step
+Expect (measured on a 2-core CPU): exit 0 in ~40 s on 2 CPU cores; loss 5.85 at step
 1 -> 3.50 at step 50, eval loss 3.16 (perplexity 23.6): at 6 + 6 layers Post-LN is still stable
 (the DeepNet paper's Post-LN failures start at 18+ layers per side with this learning rate
 scale).

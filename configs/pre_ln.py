@@ -3,7 +3,7 @@ same shape and optimizer as configs/deepnorm.py.
 
     python train.py --config=configs/pre_ln.py --config.train.num_steps=50 --workdir=runs/pre
 
-Expect (measured on the 2-core CPU machine): exit 0 in ~50 s on 2 CPU cores; loss 5.29 at step
+Expect (measured on a 2-core CPU): exit 0 in ~50 s on 2 CPU cores; loss 5.29 at step
 1 -> 3.26 at step 50, eval loss 2.90 (perplexity 18.1).
 """
 
