@@ -18,7 +18,8 @@ Shapes. CPU: decoder-only DeepNorm, d=512, 12 layers, 8 heads, d_ff 2048, at the
 vs_torchscale batch (8 x 64 tokens) and a larger one (16 x 128), in float32 and with bfloat16
 matmuls (model.dtype=bfloat16; remat "auto" per dtype). GPU (runs only where
 jax.devices() is a GPU): decoder-only DeepNorm, bfloat16 compute, d=1024, 48 layers, 16 heads,
-d_ff 4096, 1,024 tokens per sequence, batch 8, cuDNN attention.
+d_ff 4096, 1,024 tokens per sequence, batch 8, cuDNN attention. The GPU path is written against
+JAX's documented APIs but has not run on a GPU yet.
 """
 
 from __future__ import annotations
