@@ -224,9 +224,9 @@ class Worker:
     """A trainer living in its own process, run on request: ``run(n) -> (wall, cpu)`` seconds.
 
     Two frameworks in one process disturb each other: each keeps a thread pool whose idle
-    workers spin for a while before sleeping, on the cores the other one needs. Measured
-    here, a JAX step alternated in-process with torch steps took 1.7x its time alone
-    (RESULTS.md, "one process per framework"). In separate processes, with a pause between
+    workers spin for a while before sleeping, on the cores the other one needs. On a 2-core
+    CPU a JAX step alternated in-process with torch steps took 1.7x its time alone (285 vs
+    170 ms, docs/performance.md). In separate processes, with a pause between
     turns, each side runs on idle cores. ``build(*args)`` makes the trainer in the worker.
     """
 
