@@ -220,7 +220,10 @@ class DeepnormGettext(tfds.core.GeneratorBasedBuilder):
             "split_pairs": {split: len(pairs) for split, pairs in by_split.items()},
             "fingerprint": found.fingerprint,
         })
-        return {split: self._generate_examples(pairs) for split, pairs in by_split.items()}
+        # TFDS cannot write an empty split; a tiny catalog set may leave one empty.
+        return {
+            split: self._generate_examples(pairs) for split, pairs in by_split.items() if pairs
+        }
 
     def _generate_examples(self, pairs) -> Iterator[tuple[int, dict]]:
         for index, (msgid, msgstr) in enumerate(pairs):

@@ -97,6 +97,12 @@ def load_pairs(data_config, split: str) -> Sequence[dict[str, bytes]]:
                 f"split for data.corpus='gettext' must be one of {parallel.SPLITS}, got {split!r}"
             )
         builder = gettext_builder(data_config)
+        if split.split("[")[0] not in builder.info.splits:
+            raise ValueError(
+                f"data.corpus='gettext' has no pairs in split {split!r} "
+                f"({builder.info.metadata['num_pairs']} pairs in all); raise "
+                f"data.validation_fraction / data.test_fraction or add catalogs"
+            )
         english_source = data_config.source_language == gettext_corpus.ENGLISH
         return _GettextPairs(builder.as_data_source(split), english_source)
     if name == "parallel_files":
