@@ -355,3 +355,70 @@ def test_pipeline_batches_use_the_sentencepiece_ids(tmp_path):
         assert weights.sum() == len(body) + 1 and not targets[len(body) + 1:].any()
     shapes = data.batch_shapes(config, task="translation", batch_size=4, seq_len=40)
     assert {k: v[0] for k, v in shapes.items()} == {k: v.shape for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------ DataSource
+
+
+def _run_config(data_overrides, tie=True, **model):
+    from configs import base
+
+    config = base.get_config(dict(arch="encoder_decoder", num_encoder_layers=1,
+                                  num_decoder_layers=1, d_model=16, num_heads=2, d_ff=32,
+                                  **model), train=dict(batch_size=4, seq_len=24))
+    config.data.update(data_overrides)
+    if tie:
+        base.tie_vocab_size(config)
+    return config
+
+
+def _data_source(config, workdir=None):
+    from deepnorm.config import TransformerConfig
+    from deepnorm.training import mesh as mesh_lib
+    from deepnorm.training.data import DataSource
+
+    model_cfg = TransformerConfig.from_mapping(config.model)
+    return DataSource(config, model_cfg, mesh_lib.make_mesh(config.mesh), workdir=workdir)
+
+
+def test_data_source_translates_with_the_run_vocabulary(tmp_path):
+    spm_data = _spm_corpus(tmp_path)
+    config = _run_config(dict(spm_data))
+    assert config.model.vocab_size == 60  # tied to data.vocab_size
+    source = _data_source(config)
+    assert source.task == "translation" and source.vocab_size == 60
+    line = source.describe()
+    assert line.startswith("data: parallel_files en->de: ") and "sentencepiece bpe 60" in line
+    batch = next(source.iterator("train"))
+    assert batch["decoder_inputs"][:, 0].tolist() == [spt.BOS_ID] * 4
+    workdir = str(tmp_path / "run")
+    path = source.save_vocab(workdir)
+    assert path == os.path.join(workdir, spt.WORKDIR_MODEL) and os.path.exists(path)
+    again = _data_source(config, workdir=workdir)
+    assert again.tokenizer.origin == path
+
+
+def test_data_source_bad_inputs_are_one_config_error_line(tmp_path):
+    from deepnorm.config import ConfigError
+
+    spm_data = _spm_corpus(tmp_path)
+    small = _run_config(dict(spm_data), tie=False)
+    small.model.vocab_size = 50  # untied: data.vocab_size stays 60
+    with pytest.raises(ConfigError, match="model.vocab_size=50 is smaller than the tokenizer's 60"):
+        _data_source(small)
+    too_large = _run_config(dict(spm_data))
+    too_large.data.vocab_size = 5000
+    with pytest.raises(ConfigError, match="^data: data.vocab_size=5000 is more than") as err:
+        _data_source(too_large)
+    assert "\n" not in str(err.value)
+    (tmp_path / "a").write_text("x\ny\n")
+    (tmp_path / "b").write_text("x\n")
+    mismatched = _run_config(dict(corpus="parallel_files", source_file=str(tmp_path / "a"),
+                                  target_file=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="has 2 lines but"):
+        _data_source(mismatched).iterator("train")
+    decoder_only = _run_config(dict(spm_data))
+    decoder_only.model.update(arch="decoder", num_layers=1, num_encoder_layers=0,
+                              num_decoder_layers=0)
+    with pytest.raises(ConfigError, match="need model.arch='encoder_decoder'"):
+        _data_source(decoder_only)
