@@ -422,3 +422,17 @@ def test_data_source_bad_inputs_are_one_config_error_line(tmp_path):
                               num_decoder_layers=0)
     with pytest.raises(ConfigError, match="need model.arch='encoder_decoder'"):
         _data_source(decoder_only)
+
+
+def test_train_and_evaluate_without_catalogs_fails_in_one_line_creating_nothing(tmp_path):
+    from configs import translation as translation_config
+    from deepnorm.config import ConfigError
+    from deepnorm.training.loop import train_and_evaluate
+
+    config = translation_config.get_config("quick")
+    config.data.update(gettext_roots=str(tmp_path / "empty_locale"), gettext_standard_roots=False,
+                       target_language="xx", data_dir=str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="^data: data.corpus='gettext' found no catalogs") as err:
+        train_and_evaluate(config, str(workdir))
+    assert "\n" not in str(err.value) and not workdir.exists()
