@@ -18,7 +18,7 @@ from deepnorm.data.pipeline import (
     iterator_restore_args,
     make_iterator,
 )
-from deepnorm.data.tasks import TASKS, task_for_arch
+from deepnorm.data.tasks import TASKS, TRANSLATION, task_for_arch
 from deepnorm.data.tokenizer import (
     EOS_ID,
     MASK_ID,
@@ -28,6 +28,7 @@ from deepnorm.data.tokenizer import (
     decode,
     encode,
 )
+from deepnorm.data.translation import load_pairs, make_tokenizer
 
 __all__ = [
     "EOS_ID",
@@ -35,6 +36,7 @@ __all__ = [
     "PAD_ID",
     "SENTINEL_ID",
     "TASKS",
+    "TRANSLATION",
     "VOCAB_SIZE",
     "batch_shapes",
     "decode",
@@ -42,7 +44,9 @@ __all__ = [
     "encode",
     "iterator_checkpoint_args",
     "iterator_restore_args",
+    "load_pairs",
     "load_source",
+    "make_tokenizer",
     "make_iterator",
     "task_for_arch",
 ]
