@@ -11,7 +11,8 @@ batch is 64 pairs (~1,300 real target tokens). ``model.vocab_size`` follows ``da
     python train.py --config=configs/translation.py:quick --workdir=/tmp/tr_quick   # smoke test
 
 There is no paper figure for this corpus; it exists to run the translation path end to end
-without a download. Decoding: beam 4, length penalty 0.6 (the Flax WMT example's). German -> English: ``--config.data.source_language=de
+without a download. Decoding: beam 4, length penalty 0.6 (the Flax WMT example's).
+German -> English: ``--config.data.source_language=de
 --config.data.target_language=en``; another language: ``--config.data.target_language=fr``.
 """
 

@@ -88,7 +88,8 @@ def default_data_config() -> config_dict.ConfigDict:
     config.spm_model_type = "bpe"  # bpe | unigram
     config.spm_character_coverage = 1.0  # 0.9995 suits scripts with many characters (zh, ja)
     config.spm_max_sentences = 1_000_000  # sentences sampled (evenly) to train the vocabulary
-    # Where trained vocabularies are cached; None: <data_dir or ~/tensorflow_datasets>/deepnorm_sentencepiece.
+    # Where trained vocabularies are cached; None means
+    # <data_dir or ~/tensorflow_datasets>/deepnorm_sentencepiece.
     config.spm_cache_dir = config_dict.placeholder(str)
     # Where TFDS datasets are built and cached; None means TFDS's default (~/tensorflow_datasets).
     config.data_dir = config_dict.placeholder(str)
