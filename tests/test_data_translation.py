@@ -436,3 +436,15 @@ def test_train_and_evaluate_without_catalogs_fails_in_one_line_creating_nothing(
     with pytest.raises(ConfigError, match="^data: data.corpus='gettext' found no catalogs") as err:
         train_and_evaluate(config, str(workdir))
     assert "\n" not in str(err.value) and not workdir.exists()
+
+
+def test_translation_configs_tie_model_vocab_to_data_vocab():
+    from configs import iwslt14_de_en, translation as translation_config, wmt17_en_de
+
+    for module in (translation_config, iwslt14_de_en, wmt17_en_de):
+        config = module.get_config()
+        config.data.vocab_size = 500  # what --config.data.vocab_size=500 does
+        assert config.model.vocab_size == 500, module.__name__
+        assert config.decode.beam_size >= 1
+    assert wmt17_en_de.get_config("18").model.num_encoder_layers == 18
+    assert iwslt14_de_en.get_config().decode.length_penalty == 1.2
