@@ -27,7 +27,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     """``model.*``: exactly the fields of ``deepnorm.TransformerConfig`` (see its comments).
 
     arch            encoder | decoder | encoder_decoder
-    vocab_size      >= 260 (the byte tokenizer's ids)
+    vocab_size      >= the tokenizer's ids: 260 for bytes; tied to data.vocab_size for sentencepiece
     num_layers      layers of encoder-only / decoder-only; 0 for encoder_decoder
     num_encoder_layers, num_decoder_layers   N and M of encoder_decoder; else 0
     d_model, num_heads, d_ff                 widths
@@ -153,6 +153,14 @@ def get_config(model: dict, *, arg: str | None = None, optimizer: dict | None = 
         raise ValueError(f"config argument {arg!r} is not known; use ':{QUICK}' or nothing")
     config.lock()
     return config
+
+
+def tie_vocab_size(config: ml_collections.ConfigDict) -> None:
+    """``model.vocab_size`` follows ``data.vocab_size`` (a field reference, so a command-line
+    ``--config.data.vocab_size=N`` resizes the model too) when the tokenizer is SentencePiece,
+    whose trained vocabulary has exactly ``data.vocab_size`` ids."""
+    if config.data.tokenizer == "sentencepiece":
+        config.model.vocab_size = config.data.get_ref("vocab_size")
 
 
 def _check_known(section: str, known, overrides: dict) -> None:

@@ -44,7 +44,9 @@ import tensorflow_datasets as tfds
 from deepnorm.data import reachability
 from deepnorm.data.tokenizer import as_bytes
 
-CORPORA = ("stdlib", "text_files", "tfds")
+CORPORA = ("stdlib", "text_files", "tfds", "gettext", "parallel_files")
+# Corpora of (source, target) pairs, handled by deepnorm.data.translation.
+PAIR_CORPORA = ("gettext", "parallel_files")
 SPLITS = ("train", "validation")
 DEFAULT_VALIDATION_FRACTION = 0.02
 _SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
@@ -217,14 +219,34 @@ def corpus_builder(data_config) -> DeepnormCorpus:
 
 
 def text_keys(data_config) -> tuple[str, ...]:
-    """Parses ``data.tfds_text_key``: one feature name, or "source,target" for translation."""
-    raw = getattr(data_config, "tfds_text_key", None) or "text"
+    """Parses ``data.tfds_text_key``: one feature name, or "source,target" for translation.
+
+    Empty means the language pair ``data.source_language,data.target_language``: translation
+    datasets (wmt17_translate/de-en, ...) name their features by language code.
+    """
+    raw = getattr(data_config, "tfds_text_key", None)
+    if not raw:
+        raw = f"{data_config.source_language},{data_config.target_language}"
     keys = tuple(key.strip() for key in raw.split(","))
     if len(keys) > 2 or not all(keys):
         raise ValueError(
             f"data.tfds_text_key must be one feature name or a 'source,target' pair, got {raw!r}"
         )
     return keys
+
+
+def _named_builder(name: str, data_config) -> tfds.core.DatasetBuilder:
+    """``tfds.builder(name)``; the WMT builders register only once ``tensorflow_datasets.translate``
+    is imported (``import tensorflow_datasets`` leaves it out), so a miss retries after that."""
+    def make():
+        return tfds.builder(name, data_dir=_data_dir(data_config), file_format=_FILE_FORMAT)
+
+    try:
+        return make()
+    except tfds.core.registered.DatasetNotFoundError:
+        import tensorflow_datasets.translate  # noqa: F401 - registers wmt*_translate
+
+        return make()
 
 
 def tfds_builder(data_config) -> tfds.core.DatasetBuilder:
@@ -237,7 +259,7 @@ def tfds_builder(data_config) -> tfds.core.DatasetBuilder:
     if not name:
         raise ValueError("data.corpus='tfds' needs data.tfds_name, e.g. 'lm1b', got ''")
     try:
-        builder = tfds.builder(name, data_dir=_data_dir(data_config), file_format=_FILE_FORMAT)
+        builder = _named_builder(name, data_config)
     except tfds.core.registered.DatasetNotFoundError as err:
         raise ValueError(f"data.tfds_name {name!r} is not a known TFDS dataset") from err
     reason = reachability.offline_reason(builder)
@@ -300,6 +322,10 @@ def load_source(data_config, split: str) -> Sequence[dict[str, bytes]]:
     corpus = getattr(data_config, "corpus", "stdlib")
     if corpus not in CORPORA:
         raise ValueError(f"data.corpus must be one of {CORPORA}, got {corpus!r}")
+    if corpus in PAIR_CORPORA:
+        from deepnorm.data import translation  # it builds on this module
+
+        return translation.load_pairs(data_config, split)
     if corpus == "tfds":
         keys = text_keys(data_config)
         builder = tfds_builder(data_config)

@@ -12,8 +12,10 @@ Three routes, one batch format (see :mod:`deepnorm.data.tasks`):
   are shuffled, tokenized lazily and packed in a stream by grain's
   ``ConcatThenSplitIterDataset``; its state records the partial window, so resuming stays exact.
   Shuffling is over documents (windows of one long document stay adjacent).
-* A TFDS "source,target" pair (e.g. ted_hrlr_translate/pt_to_en with ``tfds_text_key="pt,en"``): one
-  example per pair, no packing, the encoder-decoder batch format.
+* Translation pairs (``gettext``, ``parallel_files``, or a TFDS "source,target" pair such as
+  wmt17_translate/de-en; see :mod:`deepnorm.data.translation`): one example per pair, no
+  packing, tokenized by the run's tokenizer (bytes or SentencePiece), the encoder-decoder
+  batch format of :func:`deepnorm.data.tasks.translation`.
 
 Determinism: the order depends only on ``seed`` and the process's shard; random corruption is
 seeded by (seed, process_index) and the element's index, so ``set_state`` replays the same bytes.
@@ -29,7 +31,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from deepnorm.data import corpus, tasks
+from deepnorm.data import corpus, tasks, translation
+from deepnorm.data.sentencepiece_tokenizer import ByteTokenizer
 from deepnorm.data.tokenizer import EOS_ID, NUM_SPECIAL, encode
 
 # In-memory windows are cheap to make; extra reader threads only contend for the GIL.
@@ -50,18 +53,21 @@ def make_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    tokenizer=None,
 ) -> grain.DatasetIterator:
     """Batches of ``task`` arrays from this process's disjoint shard of ``split``.
 
     ``batch_size`` is per process (the global batch divided by ``process_count``);
     ``num_epochs=None`` repeats forever. The iterator is a ``grain.DatasetIterator``:
     ``get_state()`` returns a JSON-serializable dict and ``set_state`` resumes exactly; see
-    :func:`iterator_checkpoint_args` for saving it with orbax.
+    :func:`iterator_checkpoint_args` for saving it with orbax. ``tokenizer`` (translation
+    only; default bytes) is a :mod:`deepnorm.data.sentencepiece_tokenizer` tokenizer.
     """
     _check_arguments(task, batch_size, seq_len, seed, process_index, process_count, num_epochs)
     _check_data_config(data_config)
     shard = _Shard(process_index, process_count, seed, num_epochs)
-    dataset = _task_dataset(data_config, task, split, seq_len, shard, batch_size)
+    dataset = _task_dataset(data_config, task, split, seq_len, shard, batch_size,
+                            tokenizer or ByteTokenizer())
     batched = dataset.batch(batch_size, drop_remainder=True)
     if isinstance(batched, grain.MapDataset):
         batched = batched.to_iter_dataset(_IN_MEMORY_READ)
@@ -73,7 +79,7 @@ def batch_shapes(data_config, *, task: str, batch_size: int, seq_len: int) -> di
     _check_arguments(task, batch_size, seq_len, 0, 0, 1, None)
     decoder_len = _decoder_length(data_config, task, seq_len)
     shapes = {"inputs": ((batch_size, seq_len), np.int32)}
-    if task == "span_corruption":
+    if task in ("span_corruption", tasks.TRANSLATION):
         shapes["decoder_inputs"] = ((batch_size, decoder_len), np.int32)
     shapes["targets"] = ((batch_size, decoder_len), np.int32)
     shapes["weights"] = ((batch_size, decoder_len), np.float32)
@@ -135,10 +141,16 @@ class _Shard:
         return block.shuffle(seed=self.seed).repeat(self.num_epochs)
 
 
-def _task_dataset(data_config, task, split, seq_len, shard: _Shard, batch_size: int):
+def _task_dataset(data_config, task, split, seq_len, shard: _Shard, batch_size: int, tokenizer):
     """Picks the route (in-memory windows, streamed packing, or pairs) and applies ``task``."""
     if _is_paired(data_config):
-        return _pair_dataset(data_config, task, split, seq_len, shard, batch_size)
+        return _pair_dataset(data_config, task, split, seq_len, shard, batch_size, tokenizer)
+    if task == tasks.TRANSLATION:
+        raise ValueError(
+            f"task='translation' needs (source, target) pairs: data.corpus='gettext' or"
+            f" 'parallel_files', or 'tfds' with a language pair; data.corpus="
+            f"{data_config.corpus!r} is plain text"
+        )
     length = tasks.window_length(task, seq_len)
     if data_config.corpus == "tfds":
         windows = _streamed_windows(data_config, split, length, shard)
@@ -210,16 +222,20 @@ def _streamed_windows(data_config, split: str, length: int, shard: _Shard) -> gr
     return packed.map(operator.itemgetter("tokens"))
 
 
-def _pair_dataset(data_config, task, split, seq_len, shard: _Shard, batch_size: int):
-    """Source -> target examples of a TFDS key pair, for the encoder-decoder task only."""
-    if task != "span_corruption":
+def _pair_dataset(data_config, task, split, seq_len, shard: _Shard, batch_size: int, tokenizer):
+    """Source -> target examples, for the encoder-decoder tasks only (span_corruption on a
+    pair corpus means translation: there is no plain text to corrupt)."""
+    if task not in ("span_corruption", tasks.TRANSLATION):
         raise ValueError(
-            f"data.tfds_text_key {data_config.tfds_text_key!r} is a source,target pair, which"
-            f" only task='span_corruption' (encoder_decoder) uses; got task={task!r}"
+            f"data.corpus={data_config.corpus!r} with data.tfds_text_key="
+            f"{data_config.get('tfds_text_key', '')!r} gives source,target pairs, which only"
+            f" task='translation' (encoder_decoder) uses; got task={task!r}"
         )
     source = corpus.load_source(data_config, split)
     pairs = shard.apply(grain.MapDataset.source(source), batch_size, f"{split!r} pairs")
-    return pairs.map(functools.partial(tasks.translation, seq_len=seq_len))
+    return pairs.map(functools.partial(
+        tasks.translation, seq_len=seq_len, encode_text=tokenizer.encode,
+        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id))
 
 
 def _with_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -240,8 +256,8 @@ def _use_default_flags_outside_absl_app() -> None:
 
 
 def _is_paired(data_config) -> bool:
-    """True for a TFDS source,target pair (translation) rather than one text feature."""
-    return data_config.corpus == "tfds" and len(corpus.text_keys(data_config)) == 2
+    """True for a corpus of (source, target) pairs (translation) rather than plain text."""
+    return translation.is_translation(data_config)
 
 
 def _mask_rate(data_config) -> float:
@@ -271,8 +287,8 @@ def _check_data_config(data_config) -> None:
 
 def _check_arguments(task, batch_size, seq_len, seed, process_index, process_count, num_epochs):
     """One-line ValueErrors for arguments no pipeline can honour."""
-    if task not in tasks.TASKS:
-        raise ValueError(f"task must be one of {tasks.TASKS}, got {task!r}")
+    if task not in tasks.ALL_TASKS:
+        raise ValueError(f"task must be one of {tasks.ALL_TASKS}, got {task!r}")
     _check_int("batch_size", batch_size, 1)
     _check_int("seq_len", seq_len, 2)
     _check_int("process_count", process_count, 1)

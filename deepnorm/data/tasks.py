@@ -23,6 +23,9 @@ from deepnorm.data.tokenizer import (
 )
 
 TASKS = ("causal_lm", "masked_lm", "span_corruption")
+# Supervised: needs a corpus of (source, target) pairs, not plain text.
+TRANSLATION = "translation"
+ALL_TASKS = TASKS + (TRANSLATION,)
 _ARCH_TASKS = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
 
 
@@ -150,12 +153,24 @@ def span_corruption(
     return {"inputs": _pad_to(inputs, seq_len), **_decoder_arrays(_pad_to(targets, target_len))}
 
 
-def translation(example: dict, seq_len: int) -> dict[str, np.ndarray]:
-    """Source -> target pairs (a TFDS "de,en" key pair) in the span-corruption batch format.
+def translation(
+    example: dict, seq_len: int, encode_text=encode, bos_id: int = EOS_ID, eos_id: int = EOS_ID
+) -> dict[str, np.ndarray]:
+    """A (source, target) pair in the encoder-decoder batch format, all of length ``seq_len``.
 
-    Both sides are byte tokens; the source is truncated to ``seq_len`` and the target (plus
-    EOS) to ``seq_len`` as well, so the decoder length equals the encoder length.
+    ``inputs`` = source ids (truncated to ``seq_len``), ``targets`` = target ids + EOS,
+    ``decoder_inputs`` = BOS + target ids (targets shifted right), ``weights`` 1 on every real
+    target position (EOS included) and 0 on padding. A target longer than ``seq_len - 1`` ids
+    is truncated before its EOS. ``encode_text`` is the run's tokenizer (bytes by default,
+    whose BOS is its EOS id, as in span corruption).
     """
-    source = encode(example["source"])[:seq_len]
-    target = np.append(encode(example["target"])[: seq_len - 1], EOS_ID)
-    return {"inputs": _pad_to(source, seq_len), **_decoder_arrays(_pad_to(target, seq_len))}
+    source = np.asarray(encode_text(example["source"]), np.int32)[:seq_len]
+    body = np.asarray(encode_text(example["target"]), np.int32)[: seq_len - 1]
+    targets = _pad_to(np.append(body, eos_id), seq_len)
+    decoder_inputs = _pad_to(np.append(bos_id, body), seq_len)
+    return {
+        "inputs": _pad_to(source, seq_len),
+        "decoder_inputs": decoder_inputs,
+        "targets": targets,
+        "weights": _weights(targets),
+    }

@@ -1,0 +1,59 @@
+"""DeepNorm encoder-decoder translating English UI strings to German, offline, on a CPU.
+
+The corpus is the machine's own gettext catalogs (``data.corpus=gettext``: msgid -> German
+msgstr of /usr/share/locale/de/LC_MESSAGES/*.mo; docs/translation.md), with a joint
+SentencePiece BPE vocabulary trained once on its train split and cached. UI strings are short
+(SentencePiece 4k: median 9-10 pieces a side, 95% under 30), so sequences are 32 pieces and a
+batch is 64 pairs (~1,300 real target tokens). ``model.vocab_size`` follows ``data.vocab_size``
+(a field reference: ``--config.data.vocab_size=8000`` resizes the embedding too).
+
+    python train.py --config=configs/translation.py --workdir=runs/gettext_en_de
+    python train.py --config=configs/translation.py:quick --workdir=/tmp/tr_quick   # smoke test
+
+Measured on the 2-core CPU while other jobs ran (load 5-17), ``--config.train.num_steps=200
+--config.train.eval_every=100``: loss 9.75 at step 1 -> 6.58 at step 200, eval loss 6.73 at step
+100 -> 6.08 at step 200 (ln 4000 = 8.29), 0.13-0.41 steps/s; the SentencePiece model trained
+in 30 s on an idle machine (2 min 45 s under that load), then comes from the cache. No BLEU
+figure yet. ``:quick``: loss 7.46 -> 7.27 in 10 steps, eval 7.36 -> 7.25.
+
+There is no paper figure for this corpus; it exists to run the translation path end to end
+without a download. Decoding: beam 4, length penalty 0.6 (the Flax WMT example's).
+German -> English: ``--config.data.source_language=de
+--config.data.target_language=en``; another language: ``--config.data.target_language=fr``.
+"""
+
+import ml_collections
+
+from configs import base
+
+MODEL = dict(arch="encoder_decoder", num_encoder_layers=4, num_decoder_layers=4, d_model=128,
+             num_heads=4, d_ff=512, norm="layernorm", residual="deepnorm", dropout_rate=0.1)
+OPTIMIZER = dict(learning_rate=1e-3, warmup_steps=200)
+TRAIN = dict(num_steps=1500, batch_size=64, seq_len=32, log_every=20, eval_every=250,
+             eval_steps=8, checkpoint_every=250)
+DATA = dict(corpus="gettext", source_language="en", target_language="de",
+            tokenizer="sentencepiece", vocab_size=4000, spm_model_type="bpe")
+
+
+def get_config(arg=None):
+    config = base.get_config(MODEL, arg=arg, optimizer=OPTIMIZER, train=TRAIN)
+    config.data.update(DATA)
+    if arg == base.QUICK:
+        # A smaller vocabulary trains in seconds; quick keeps seq_len 32 from shrink().
+        config.data.vocab_size = 1000
+        config.train.batch_size = 16
+    base.tie_vocab_size(config)
+    set_decode(config, beam_size=4, length_penalty=0.6)
+    return config
+
+
+def set_decode(config: ml_collections.ConfigDict, **values) -> None:
+    """Sets the ``decode.*`` keys that decoding (beam search, BLEU) reads. The section is the
+    one ``configs/base.py`` defines where it has one; otherwise it is made here, locked."""
+    if "decode" not in config:
+        with config.unlocked():
+            config.decode = ml_collections.ConfigDict(values)
+        config.decode.lock()
+        return
+    for key, value in values.items():
+        config.decode[key] = value  # a typo fails here: the section is locked
