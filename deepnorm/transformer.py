@@ -20,8 +20,9 @@ from flax import nnx
 from deepnorm import residual as residual_lib
 from deepnorm.config import FINAL_NORM_RESIDUALS, TransformerConfig
 from deepnorm.initializers import layer_constants, layer_gain, role_gains
-from deepnorm.layers import Attention, Dense, FeedForward, matmul
+from deepnorm.layers import Attention, Dense, FeedForward
 from deepnorm.norms import make_norm
+from deepnorm.ops import matmul
 
 PAD_ID = 0  # the token id that marks padding in encoder inputs (deepnorm.data.tokenizer)
 
