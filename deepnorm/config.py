@@ -20,6 +20,8 @@ REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
 ACTIVATIONS = ("gelu", "relu")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
+# The inputs cuDNN's flash attention takes (jax refuses float32 q/k/v for implementation="cudnn").
+CUDNN_ATTENTION_DTYPES = ("bfloat16", "float16")
 
 # The schemes that leave an un-normalized residual stream and so need a norm after the stack.
 FINAL_NORM_RESIDUALS = frozenset({"pre", "sandwich", "peri", "subln", "mixln", "lnscale"})
@@ -87,7 +89,8 @@ class TransformerConfig:
     # k-fold and compile time with it (1.3x at 2), still flat in depth.
     scan_unroll: int = 1
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own
-    # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention.
+    # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention
+    # (deepnorm.ops.attention). "cudnn" needs dtype bfloat16: its kernel refuses float32.
     attention_impl: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +105,11 @@ class TransformerConfig:
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ConfigError(
                 f"model.attention_impl={self.attention_impl!r} is not one of None, xla, cudnn")
+        if self.attention_impl == "cudnn" and self.dtype not in CUDNN_ATTENTION_DTYPES:
+            allowed = ", ".join(d for d in DTYPES if d in CUDNN_ATTENTION_DTYPES)
+            raise ConfigError(
+                f"model.attention_impl='cudnn' needs model.dtype in {allowed} (cuDNN flash "
+                f"attention takes bfloat16 / float16 only), got model.dtype={self.dtype!r}")
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len", "scan_unroll"):
             _positive(name, getattr(self, name))
         if self.scan_unroll > 1 and not self.scan_layers:
