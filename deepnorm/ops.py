@@ -11,7 +11,7 @@ with the reason it exists and what it measured (benchmarks/RESULTS.md):
   (XLA's own choice, or "xla" / "cudnn" when forced) elsewhere.
 
 None of the accelerator paths (cuDNN attention, ``dot_product_attention`` on GPU/TPU, bfloat16
-on a GPU/TPU) has been run on a GPU or TPU by this project's tests or benchmarks (docs/backends.md).
+on a GPU/TPU) has been run on a GPU or TPU by the tests or benchmarks (docs/backends.md).
 """
 
 from __future__ import annotations

@@ -200,7 +200,10 @@ class Stack(nnx.Module):
         policy = model_remat_policy(cfg.remat_policy)
         if policy != "none":
             # prevent_cse=False: inside a scan the loop boundary already stops XLA from merging
-            # the recomputation back into the forward pass, and CSE barriers cost speed.
+            # the recomputation back into the forward pass, and CSE barriers cost speed. The
+            # unrolled stack has no loop boundary; on XLA:CPU its gradient needs the same temp
+            # memory under every policy, none included, with prevent_cse True as with False
+            # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
         xs = (layer_state, consts, keys)
@@ -223,7 +226,7 @@ def unstack_layers(tree) -> list:
     ``jnp.unstack``, not ``a[i]`` per layer: the gradient of one unstack is one stack per
     parameter, while L separate index ops make L zero-padded gradients that XLA adds up, O(L^2)
     memory traffic (d=512 x 12 float32 on CPU: 1,320 ms per step with indexing, 762 with
-    unstack; benchmarks/RESULTS.md change 19).
+    unstack; benchmarks/RESULTS.md, "the unrolled stack").
     """
     leaves, treedef = jax.tree.flatten(tree)
     columns = [jnp.unstack(leaf) for leaf in leaves]
