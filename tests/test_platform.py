@@ -1,6 +1,8 @@
 """deepnorm.training.platform: the training setup resolves the platform-dependent "auto"."""
 
 import jax
+import jax.extend
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -31,7 +33,7 @@ def test_resolved_config_reaches_the_graph(dtype, policy):
         {f: getattr(resolved, f) for f in cfg.__dataclass_fields__ if f != "remat_policy"}
     model = Transformer(resolved, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    tokens = jax.numpy.ones((1, 4), jax.numpy.int32)
+    tokens = jnp.ones((1, 4), jnp.int32)
 
     def loss(p):
         return nnx.merge(graphdef, p)(tokens)[0].sum()
