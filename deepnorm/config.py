@@ -19,7 +19,7 @@ INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit")
 REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
 ACTIVATIONS = ("gelu", "relu")
 POSITIONS = ("sinusoidal", "learned")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 # The schemes that leave an un-normalized residual stream and so need a norm after the stack.
 FINAL_NORM_RESIDUALS = frozenset({"pre", "sandwich", "peri", "subln", "mixln", "lnscale"})
