@@ -20,6 +20,8 @@ REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
 ACTIVATIONS = ("gelu", "relu")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
+# The inputs cuDNN's flash attention takes (jax refuses float32 q/k/v for implementation="cudnn").
+CUDNN_ATTENTION_DTYPES = ("bfloat16", "float16")
 
 # The schemes that leave an un-normalized residual stream and so need a norm after the stack.
 FINAL_NORM_RESIDUALS = frozenset({"pre", "sandwich", "peri", "subln", "mixln", "lnscale"})
@@ -69,24 +71,27 @@ class TransformerConfig:
     use_bias: bool = True
     norm_eps: float = 1e-5
     # Matmul input dtype. With bfloat16 the products are summed and returned in float32
-    # (layers.bf16_matmul); parameters, activations and norm statistics are float32 either way.
+    # (ops.bf16_matmul); parameters, activations and norm statistics are float32 either way.
     dtype: str = "float32"
-    # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto" is
-    # save_dots on CPU in float32 and full in bfloat16 (the fastest there: benchmarks/RESULTS.md)
-    # and full elsewhere (the least memory, what a 1,000-layer model on an accelerator needs).
+    # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto"
+    # is resolved by the training setup (deepnorm.training.platform): save_dots on CPU in
+    # float32, full on CPU in bfloat16 (the fastest there: benchmarks/RESULTS.md) and full on a
+    # GPU/TPU (the least memory). A model built with "auto" unresolved runs full everywhere.
     remat_policy: str = "auto"
     # False runs the layers as a Python loop: compile time grows with depth (~0.5 s a layer on
     # CPU), but there are no stacked scan buffers to fill, write and read. On the 2-core CPU that
     # was 6-10% less step time for d >= 256 encoders of 12-24 layers, no gain for the d=128
-    # configs/deepnorm.py and 8% more at d=64 x 100 (benchmarks/RESULTS.md, change 19).
+    # configs/deepnorm.py and 8% more at d=64 x 100 (benchmarks/RESULTS.md, "the unrolled
+    # stack").
     scan_layers: bool = True
     # Layers per trip of the scan loop (jax.lax.scan's unroll). On the 2-core CPU 2 saved
     # 4-9% of the step at four of six encoder shapes x dtypes and cost 5% at d=64 in float32
-    # (benchmarks/RESULTS.md, change 18), so it is a knob, not a default. The loop body grows
+    # (benchmarks/RESULTS.md, "scan unroll"), so it is a knob, not a default. The loop body grows
     # k-fold and compile time with it (1.3x at 2), still flat in depth.
     scan_unroll: int = 1
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own
-    # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention.
+    # choice elsewhere; "xla" / "cudnn" force that implementation of dot_product_attention
+    # (deepnorm.ops.attention). "cudnn" needs dtype bfloat16: its kernel refuses float32.
     attention_impl: str | None = None
 
     def __post_init__(self) -> None:
@@ -101,6 +106,11 @@ class TransformerConfig:
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ConfigError(
                 f"model.attention_impl={self.attention_impl!r} is not one of None, xla, cudnn")
+        if self.attention_impl == "cudnn" and self.dtype not in CUDNN_ATTENTION_DTYPES:
+            allowed = ", ".join(d for d in DTYPES if d in CUDNN_ATTENTION_DTYPES)
+            raise ConfigError(
+                f"model.attention_impl='cudnn' needs model.dtype in {allowed} (cuDNN flash "
+                f"attention takes bfloat16 / float16 only), got model.dtype={self.dtype!r}")
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len", "scan_unroll"):
             _positive(name, getattr(self, name))
         if self.scan_unroll > 1 and not self.scan_layers:

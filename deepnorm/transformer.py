@@ -20,8 +20,9 @@ from flax import nnx
 from deepnorm import residual as residual_lib
 from deepnorm.config import FINAL_NORM_RESIDUALS, TransformerConfig
 from deepnorm.initializers import layer_constants, layer_gain, role_gains
-from deepnorm.layers import Attention, Dense, FeedForward, matmul
+from deepnorm.layers import Attention, Dense, FeedForward
 from deepnorm.norms import make_norm
+from deepnorm.ops import matmul
 
 PAD_ID = 0  # the token id that marks padding in encoder inputs (deepnorm.data.tokenizer)
 
@@ -32,31 +33,45 @@ REMAT_POLICIES = {
 }
 
 
-def resolve_remat_policy(name: str, backend: str | None = None, dtype: str = "float32") -> str:
-    """The policy ``model.remat_policy`` names; ``"auto"`` depends on the platform and dtype.
-
-    On CPU in float32, save_dots: keeping the matmul outputs and recomputing only element-wise
-    work was the fastest policy on both CPUs measured (9-15% less step time than full, 12-37%
-    less than none, whose stacked intermediates cost more to write than to recompute).
-    On CPU in bfloat16, full: once the matmuls run on AMX (``layers.bf16_matmul``) recomputing
-    them is cheaper than writing and reading their saved outputs (4-25% less step time than
-    save_dots). Elsewhere, full: it needs the least memory (1.6x the parameter + Adam footprint
-    at 1,000 layers against 4.6x for save_dots), which is what bounds depth on an accelerator.
-    All figures: benchmarks/RESULTS.md (changes 8 and 17).
-    """
-    if name != "auto":
-        return name
-    on_cpu = (backend or jax.default_backend()) == "cpu"
-    return "save_dots" if on_cpu and jnp.dtype(dtype) == jnp.float32 else "full"
+# What the model runs for remat_policy="auto" when nobody resolved it: the model does not know
+# the platform, so this is a fixed choice, the one that needs the least memory. Training
+# resolves "auto" per platform and dtype before building the model
+# (deepnorm.training.platform.resolve_remat_policy) and prints the result in its start line.
+UNRESOLVED_AUTO_REMAT = "full"
 
 
-# Per-sublayer statistics every block returns (each a mean over batch and positions).
+def model_remat_policy(name: str) -> str:
+    """The policy the stack applies for ``model.remat_policy=name`` ("auto": ``full``)."""
+    return UNRESOLVED_AUTO_REMAT if name == "auto" else name
+
+
+# Per-sublayer statistics every block returns, each a mean over the real (non-padding) tokens
+# of the batch: padding positions carry a stream too, but no data, and would bias the means by
+# the share of padding in the batch (Admin's omegas are set from branch_var).
 STAT_NAMES = ("stream_in_norm", "branch_norm", "branch_var", "stream_out_norm")
 
 
-def _token_norm(x: jax.Array) -> jax.Array:
-    """Mean over batch and positions of the L2 norm over d_model, in float32."""
-    return jnp.mean(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))
+def _token_weights(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None) -> jax.Array:
+    """[B, T] float32 weights summing to 1 over the real tokens (uniform with no mask)."""
+    if token_mask_BxT is None:
+        b, t = x_BxTxD.shape[:2]
+        return jnp.full((b, t), 1.0 / (b * t), jnp.float32)
+    m = token_mask_BxT.astype(jnp.float32)
+    return m / jnp.maximum(jnp.sum(m), 1.0)  # an all-padding batch gives 0, not NaN
+
+
+def _token_norm(x: jax.Array, w_BxT: jax.Array) -> jax.Array:
+    """Mean over the real tokens of the L2 norm over d_model, in float32."""
+    return jnp.sum(w_BxT * jnp.linalg.norm(x.astype(jnp.float32), axis=-1))
+
+
+def token_var(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
+    """Variance of every element of the real tokens' vectors (over tokens and d_model), in
+    float32; with no mask, ``jnp.var(x)``."""
+    w = _token_weights(x_BxTxD, token_mask_BxT)[..., None] / x_BxTxD.shape[-1]
+    x = x_BxTxD.astype(jnp.float32)
+    mean = jnp.sum(w * x)
+    return jnp.sum(w * jnp.square(x - mean))
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -122,18 +137,20 @@ class Block(nnx.Module):
         return out
 
     def __call__(self, x_BxTxD, consts, *, context_BxSxD=None, self_mask=None, cross_mask=None,
-                 causal=False, dropout_key=None):
-        """Returns the new residual stream and a dict of per-sublayer statistics, each [S]."""
+                 causal=False, dropout_key=None, token_mask_BxT=None):
+        """Returns the new residual stream and a dict of per-sublayer statistics, each [S],
+        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None)."""
         branch_outputs: list[jax.Array] = []
         sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal, dropout_key,
                                     branch_outputs)
         states = residual_lib.apply_layer(self.residual, x_BxTxD, sublayers, consts)
         inputs = [x_BxTxD] + states[:-1]
+        w = _token_weights(x_BxTxD, token_mask_BxT)
         stats = {
-            "stream_in_norm": jnp.stack([_token_norm(s) for s in inputs]),
-            "branch_norm": jnp.stack([_token_norm(y) for y in branch_outputs]),
-            "branch_var": jnp.stack([jnp.var(y.astype(jnp.float32)) for y in branch_outputs]),
-            "stream_out_norm": jnp.stack([_token_norm(s) for s in states]),
+            "stream_in_norm": jnp.stack([_token_norm(s, w) for s in inputs]),
+            "branch_norm": jnp.stack([_token_norm(y, w) for y in branch_outputs]),
+            "branch_var": jnp.stack([token_var(y, token_mask_BxT) for y in branch_outputs]),
+            "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states]),
         }
         return states[-1], stats
 
@@ -159,8 +176,12 @@ class Stack(nnx.Module):
         self.final_norm = norm() if cfg.residual in FINAL_NORM_RESIDUALS else None
 
     def __call__(self, x_BxTxD, *, context_BxSxD=None, self_mask=None, cross_mask=None,
-                 causal=False, dropout_key=None):
-        """Returns the stack's output and statistics with a leading layer axis, each [L, S]."""
+                 causal=False, dropout_key=None, token_mask_BxT=None):
+        """Returns the stack's output and statistics with a leading layer axis, each [L, S].
+
+        ``token_mask_BxT`` (True at real tokens; None: all) selects the tokens the statistics
+        average over; it changes nothing in the computation itself.
+        """
         cfg = self.config
         if self.input_norm is not None:
             x_BxTxD = self.input_norm(x_BxTxD)
@@ -173,12 +194,16 @@ class Stack(nnx.Module):
             state, c, key = xs
             block = nnx.merge(graphdef, state)
             return block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
-                         cross_mask=cross_mask, causal=causal, dropout_key=key)
+                         cross_mask=cross_mask, causal=causal, dropout_key=key,
+                         token_mask_BxT=token_mask_BxT)
 
-        policy = resolve_remat_policy(cfg.remat_policy, dtype=cfg.dtype)
+        policy = model_remat_policy(cfg.remat_policy)
         if policy != "none":
             # prevent_cse=False: inside a scan the loop boundary already stops XLA from merging
-            # the recomputation back into the forward pass, and CSE barriers cost speed.
+            # the recomputation back into the forward pass, and CSE barriers cost speed. The
+            # unrolled stack has no loop boundary; on XLA:CPU its gradient needs the same temp
+            # memory under every policy, none included, with prevent_cse True as with False
+            # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
         xs = (layer_state, consts, keys)
@@ -201,7 +226,7 @@ def unstack_layers(tree) -> list:
     ``jnp.unstack``, not ``a[i]`` per layer: the gradient of one unstack is one stack per
     parameter, while L separate index ops make L zero-padded gradients that XLA adds up, O(L^2)
     memory traffic (d=512 x 12 float32 on CPU: 1,320 ms per step with indexing, 762 with
-    unstack; benchmarks/RESULTS.md change 19).
+    unstack; benchmarks/RESULTS.md, "the unrolled stack").
     """
     leaves, treedef = jax.tree.flatten(tree)
     columns = [jnp.unstack(leaf) for leaf in leaves]
@@ -224,7 +249,12 @@ class Transformer(nnx.Module):
     ``model(inputs)`` for encoder / decoder, ``model(inputs, decoder_inputs)`` for
     encoder_decoder. Returns ``(logits, aux)``: float32 logits [B, T, vocab] and
     ``aux[stack][stat]`` with per-layer, per-sublayer statistics [L, S] plus
-    ``aux[stack]["input_var"]``, the variance of the stream entering the stack.
+    ``aux[stack]["input_var"]``, the variance of the stream entering the stack. Every
+    statistic averages over the stack's real tokens: the positions whose input id (``inputs``
+    for the encoder and the decoder-only model, ``decoder_inputs`` for the decoder of
+    encoder_decoder) is not ``PAD_ID``. That is the encoder's attention padding mask; for a
+    decoder it counts the position after the last real target too (its input is a real token,
+    its target padding), the stream a causal model computes from real tokens only.
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -273,21 +303,27 @@ class Transformer(nnx.Module):
                 else [None] * 4)
         aux = {}
         if cfg.arch == "decoder":
+            real_BxT = inputs_BxT != PAD_ID
             x = self._embed(inputs_BxT, keys[0])
-            aux_in = jnp.var(x.astype(jnp.float32))
-            x, aux["decoder"] = self.decoder(x, causal=True, dropout_key=keys[1])
+            aux_in = token_var(x, real_BxT)
+            x, aux["decoder"] = self.decoder(x, causal=True, dropout_key=keys[1],
+                                             token_mask_BxT=real_BxT)
             aux["decoder"]["input_var"] = aux_in
             return self._logits(x), aux
-        pad_mask_Bx1x1xS = (inputs_BxT != PAD_ID)[:, None, None, :]
+        real_BxS = inputs_BxT != PAD_ID
+        pad_mask_Bx1x1xS = real_BxS[:, None, None, :]
         x = self._embed(inputs_BxT, keys[0])
-        aux_in = jnp.var(x.astype(jnp.float32))
-        enc, aux["encoder"] = self.encoder(x, self_mask=pad_mask_Bx1x1xS, dropout_key=keys[1])
+        aux_in = token_var(x, real_BxS)
+        enc, aux["encoder"] = self.encoder(x, self_mask=pad_mask_Bx1x1xS, dropout_key=keys[1],
+                                           token_mask_BxT=real_BxS)
         aux["encoder"]["input_var"] = aux_in
         if cfg.arch == "encoder":
             return self._logits(enc), aux
+        real_BxT = decoder_inputs_BxT != PAD_ID
         y = self._embed(decoder_inputs_BxT, keys[2])
-        aux_in = jnp.var(y.astype(jnp.float32))
+        aux_in = token_var(y, real_BxT)
         y, aux["decoder"] = self.decoder(y, context_BxSxD=enc, cross_mask=pad_mask_Bx1x1xS,
-                                         causal=True, dropout_key=keys[3])
+                                         causal=True, dropout_key=keys[3],
+                                         token_mask_BxT=real_BxT)
         aux["decoder"]["input_var"] = aux_in
         return self._logits(y), aux

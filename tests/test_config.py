@@ -23,6 +23,9 @@ BAD = [
     ("unknown_positions", dict(positions="rope"), r"model\.positions='rope'.*sinusoidal"),
     ("unknown_dtype", dict(dtype="float16"), r"model\.dtype='float16'.*float32, bfloat16"),
     ("unknown_attention_impl", dict(attention_impl="flash"), r"attention_impl='flash'"),
+    ("cudnn_in_float32", dict(attention_impl="cudnn"),
+     r"model\.attention_impl='cudnn' needs model\.dtype in bfloat16 .*"
+     r"got model\.dtype='float32'"),
     ("heads_do_not_divide", dict(d_model=18, num_heads=4),
      r"model\.d_model=18 is not divisible by model\.num_heads=4"),
     ("zero_d_model", dict(d_model=0), r"model\.d_model=0 must be a positive integer"),
@@ -93,6 +96,7 @@ def test_from_mapping_names_unknown_keys():
     dict(residual="rezero", norm="none"), dict(residual="post", norm="none", init="tfixup"),
     dict(residual="mixln", mixln_fraction=0.0), dict(residual="mixln", mixln_fraction=1.0),
     dict(arch="encoder", norm="dyt"), dict(dtype="bfloat16", remat_policy="save_dots"),
+    dict(attention_impl="cudnn", dtype="bfloat16"),
 ])
 def test_valid_edge_cases_are_accepted(overrides):
     TransformerConfig(**dict(VALID, **overrides))

@@ -30,8 +30,8 @@ from deepnorm.training.data import DataSource
 from deepnorm.training.metrics import MetricsWriter
 from deepnorm.training.optim import make_optimizer
 from deepnorm.training.state import abstract_params, abstract_train_state, create_train_state
+from deepnorm.training.platform import resolve_model_config
 from deepnorm.training.steps import check_grad_accum, make_eval_step, make_train_step
-from deepnorm.transformer import resolve_remat_policy
 
 DIAGNOSTICS = ("every_step", "log_steps", "off")
 
@@ -114,7 +114,7 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
                if derived.get("grad_accum_steps", 1) > 1 else "")
             + f"; {num_params:,} params; mesh {dict(mesh.shape)} over "
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
-            f"{resolve_remat_policy(model_cfg.remat_policy, dtype=model_cfg.dtype)}; "
+            f"{model_cfg.remat_policy}; "
             + _stack_words(model_cfg)
             + f"{model_cfg.dtype} matmuls; " + _loss_scale_words(model_cfg, train)
             + hugepages.describe())
@@ -181,7 +181,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     that is also written to ``workdir/summary.json``."""
     initialize_distributed(config.distributed)
     started = time.time()
-    model_cfg = TransformerConfig.from_mapping(config.model)
+    # Platform-dependent "auto" values are chosen here, once, before any model is built.
+    model_cfg = resolve_model_config(TransformerConfig.from_mapping(config.model))
     train = config.train
     check_train_config(train)
     # Everything is validated before the workdir is created (deepnorm.training.validation).
