@@ -39,7 +39,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     dropout_rate    on embeddings and every branch output
     activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
     tie_embeddings, use_bias, norm_eps
-    dtype           float32 | bfloat16 (compute; params and norm statistics stay float32)
+    dtype           float32 | bfloat16 | float16 (matmul inputs; params, activations and norm
+                    statistics stay float32; float16 adds dynamic loss scaling)
+    matmul_precision  float32 (HIGHEST: full float32 on every backend) | tensorfloat32 (HIGH)
+                    | default (the backend's fastest); dots of float32 operands
     remat_policy    auto (train.py: save_dots on CPU in float32, full in bfloat16 and on
                     GPU/TPU) | none | full | save_dots | save_dots_no_batch (what a layer
                     keeps for backprop; docs/backends.md)

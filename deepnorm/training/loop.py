@@ -116,7 +116,8 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
             f"{model_cfg.remat_policy}; "
             + _stack_words(model_cfg)
-            + f"{model_cfg.dtype} matmuls; " + _loss_scale_words(model_cfg, train)
+            + f"{model_cfg.dtype} matmuls, float32 dots at matmul_precision="
+            f"{model_cfg.matmul_precision}; " + _loss_scale_words(model_cfg, train)
             + hugepages.describe())
 
 
@@ -353,6 +354,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "resumed_from_step": start_step or None,
         "checkpoint_steps": checkpoint_steps,
         "num_parameters": num_params,
+        "dtype": model_cfg.dtype,
+        "matmul_precision": model_cfg.matmul_precision,
         "derived": derived,
         "mesh": dict(mesh.shape),
         "num_devices": jax.device_count(),
