@@ -89,7 +89,8 @@ def test_accumulated_gradient_is_the_token_weighted_sum_of_micro_batch_gradients
     grads = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch)[0]))(st.params)
     for g, a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(st.params),
                        jax.tree.leaves(new.params)):
-        np.testing.assert_allclose(a - b, g, rtol=1e-4, atol=1e-8)
+        # a - b cancels in float32: parameters of size ~1 leave ~1e-7 of absolute noise.
+        np.testing.assert_allclose(a - b, g, rtol=1e-4, atol=1e-6)
 
 
 def test_micro_batches_are_strided_slices_of_the_batch():
