@@ -39,7 +39,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     dropout_rate    on embeddings and every branch output
     activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
     tie_embeddings, use_bias, norm_eps
-    dtype           float32 | bfloat16 (compute; params and norm statistics stay float32)
+    dtype           float32 | bfloat16 | float16 (matmul inputs; params, activations and norm
+                    statistics stay float32; float16 adds dynamic loss scaling)
+    matmul_precision  float32 (HIGHEST: full float32 on every backend) | tensorfloat32 (HIGH)
+                    | default (the backend's fastest); dots of float32 operands
     remat_policy    auto (train.py: save_dots on CPU in float32, full in bfloat16 and on
                     GPU/TPU) | none | full | save_dots | save_dots_no_batch (what a layer
                     keeps for backprop; docs/backends.md)
@@ -88,6 +91,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.num_steps = 1000  # optimizer updates
     config.batch_size = 32  # global batch (examples), split over data x fsdp and processes
+    # Micro-batches per update: the batch runs in k sequential slices (a lax.scan) whose
+    # gradients are summed before one optimizer step; the same update, 1/k the activations.
+    config.grad_accum_steps = 1
     config.seq_len = 128  # tokens per example (encoder input length for encoder_decoder)
     config.seed = 0  # parameters, dropout and data order
     config.log_every = 10  # metrics.jsonl / TensorBoard every this many steps
@@ -102,6 +108,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config.on_nonfinite = "stop"  # stop | skip (drop the update; stop after k in a row)
     config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
     config.max_loss = 100.0  # a finite loss above this also counts as diverged
+    # model.dtype=float16 only: dynamic loss scaling (docs/precision.md). The scale starts
+    # here, halves on a step with non-finite gradients (that step is skipped) and doubles
+    # after loss_scale_period finite steps in a row.
+    config.initial_loss_scale = 2.0**15
+    config.loss_scale_period = 2000
     config.progress_bar = True  # tqdm bar on the terminal (primary process only)
     _check_known('train', config, overrides)
     config.update(overrides)

@@ -19,9 +19,12 @@ INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit")
 REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
 ACTIVATIONS = ("gelu", "relu")
 POSITIONS = ("sinusoidal", "learned")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 # The inputs cuDNN's flash attention takes (jax refuses float32 q/k/v for implementation="cudnn").
 CUDNN_ATTENTION_DTYPES = ("bfloat16", "float16")
+# What float32 dots ask of the backend (deepnorm.ops.MATMUL_PRECISIONS): full float32, TF32,
+# or the backend's fastest (TF32 on GPU, one bfloat16 pass on TPU).
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "default")
 
 # The schemes that leave an un-normalized residual stream and so need a norm after the stack.
 FINAL_NORM_RESIDUALS = frozenset({"pre", "sandwich", "peri", "subln", "mixln", "lnscale"})
@@ -70,9 +73,14 @@ class TransformerConfig:
     tie_embeddings: bool = True  # output head shares the token embedding
     use_bias: bool = True
     norm_eps: float = 1e-5
-    # Matmul input dtype. With bfloat16 the products are summed and returned in float32
-    # (ops.bf16_matmul); parameters, activations and norm statistics are float32 either way.
+    # Matmul input dtype: float32 | bfloat16 | float16. With bfloat16 / float16 the products are
+    # summed and returned in float32 (ops.matmul); parameters, activations and norm statistics
+    # are float32 either way. float16 trains with dynamic loss scaling (docs/precision.md).
     dtype: str = "float32"
+    # What dots of float32 operands ask of the backend: float32 (lax.Precision.HIGHEST, the
+    # same on every backend) | tensorfloat32 (HIGH) | default (the backend's fastest: TF32 on a
+    # GPU, one bfloat16 pass on a TPU). docs/precision.md.
+    matmul_precision: str = "float32"
     # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto"
     # is resolved by the training setup (deepnorm.training.platform): save_dots on CPU in
     # float32, full on CPU in bfloat16 (the fastest there: benchmarks/RESULTS.md) and full on a
@@ -103,6 +111,7 @@ class TransformerConfig:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("positions", self.positions, POSITIONS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ConfigError(
                 f"model.attention_impl={self.attention_impl!r} is not one of None, xla, cudnn")

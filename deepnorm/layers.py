@@ -23,14 +23,14 @@ class Dense(nnx.Module):
     """y = x W + b with W ~ Xavier-normal(gain): the one projection every sublayer uses."""
 
     def __init__(self, fan_in: int, fan_out: int, *, gain, axes: tuple[str, str],
-                 use_bias: bool, dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
+                 use_bias: bool, dtype, rngs: nnx.Rngs, precision: str = "float32"):
+        self.dtype, self.precision = dtype, precision
         self.kernel = nnx.Param(xavier_normal(rngs.params(), (fan_in, fan_out), gain), axes=axes)
         self.bias = (nnx.Param(jnp.zeros((fan_out,), jnp.float32), axes=axes[1:])
                      if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = ops.matmul(x, self.kernel[...], self.dtype)
+        y = ops.matmul(x, self.kernel[...], self.dtype, precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -43,7 +43,8 @@ def fused_projection(denses: tuple[Dense, ...], x: jax.Array) -> tuple[jax.Array
     in the tree); only the matmul is shared.
     """
     biases = None if denses[0].bias is None else [dn.bias[...] for dn in denses]
-    return ops.project(x, [dn.kernel[...] for dn in denses], biases, denses[0].dtype)
+    return ops.project(x, [dn.kernel[...] for dn in denses], biases, denses[0].dtype,
+                       precision=denses[0].precision)
 
 
 class Attention(nnx.Module):
@@ -56,8 +57,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg, gains: dict, *, inner_norm: bool, rngs: nnx.Rngs):
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
-        kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+        kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, precision=cfg.matmul_precision)
         self.num_heads, self.impl, self.dtype = cfg.num_heads, cfg.attention_impl, dtype
+        self.precision = cfg.matmul_precision
         self.query = Dense(d, d, gain=gains["query"], axes=("embed", "heads"), **kw)
         self.key = Dense(d, d, gain=gains["key"], axes=("embed", "heads"), **kw)
         self.value = Dense(d, d, gain=gains["value"], axes=("embed", "heads"), **kw)
@@ -77,7 +79,7 @@ class Attention(nnx.Module):
         q, k, v = (q.reshape(b, t, h, d // h), k.reshape(b, s, h, d // h),
                    v.reshape(b, s, h, d // h))
         o = ops.attention(q, k, v, mask=mask_Bx1xTxS, causal=causal, impl=self.impl,
-                          dtype=self.dtype)
+                          dtype=self.dtype, precision=self.precision)
         o = o.reshape(b, t, d)
         if self.inner_norm is not None:
             o = self.inner_norm(o)
@@ -89,7 +91,7 @@ class FeedForward(nnx.Module):
 
     def __init__(self, cfg, gains: dict, *, inner_norm: bool, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
-        kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+        kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, precision=cfg.matmul_precision)
         self.act = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
         self.ffn_in = Dense(cfg.d_model, cfg.d_ff, gain=gains["ffn_in"], axes=("embed", "mlp"),
                             **kw)

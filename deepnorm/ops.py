@@ -30,21 +30,48 @@ _MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # --- matmul ----------------------------------------------------------------------------------
 
-def matmul(x: jax.Array, kernel: jax.Array, dtype, kernel_axis: int = 0) -> jax.Array:
+# ``model.matmul_precision``: what a dot of float32 operands asks of the backend. Left to
+# itself a GPU runs float32 dots in TensorFloat-32 (10-bit mantissa) and a TPU in one bfloat16
+# pass; "float32" asks for full float32 everywhere. The names are those of jax's
+# ``jax_default_matmul_precision`` flag. XLA:CPU computes float32 dots the same way under all
+# three (docs/precision.md).
+MATMUL_PRECISIONS = {
+    "float32": lax.Precision.HIGHEST,
+    "tensorfloat32": lax.Precision.HIGH,  # TF32 on GPU, three bfloat16 passes on TPU
+    "default": lax.Precision.DEFAULT,  # the backend's fastest
+}
+
+
+def lax_precision(name: str) -> lax.Precision:
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul precision {name!r} is not one of "
+                         f"{', '.join(MATMUL_PRECISIONS)}")
+    return MATMUL_PRECISIONS[name]
+
+
+def matmul(x: jax.Array, kernel: jax.Array, dtype, kernel_axis: int = 0,
+           precision: str = "float32") -> jax.Array:
     """x's last axis against kernel's axis ``kernel_axis`` (0: x @ kernel, 1: x @ kernel^T),
     with both operands in the compute dtype ``dtype``.
 
-    float32: one ``dot_general`` in float32. bfloat16: ``bf16_matmul``, which returns float32,
-    so everything between two matmuls stays float32 whatever the compute dtype.
+    float32: one ``dot_general`` at ``precision`` (``MATMUL_PRECISIONS``). bfloat16:
+    ``bf16_matmul``; float16: operands rounded to float16, products summed in float32. Both
+    return float32, so everything between two matmuls stays float32 whatever the compute dtype.
+    In float16 JAX's own gradient of the dot rounds each cotangent to float16 on its way to
+    the operands: that is where a too-large loss scale overflows (deepnorm.training.loss_scale).
     """
+    dims = (((x.ndim - 1,), (kernel_axis,)), ((), ()))
     if jnp.dtype(dtype) == jnp.bfloat16:
         return bf16_matmul(x, kernel, kernel_axis)
-    dims = (((x.ndim - 1,), (kernel_axis,)), ((), ()))
-    return lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims)
+    if jnp.dtype(dtype) == jnp.float16:
+        return lax.dot_general(x.astype(jnp.float16), kernel.astype(jnp.float16), dims,
+                               preferred_element_type=jnp.float32)
+    return lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims,
+                           precision=lax_precision(precision))
 
 
 def project(x: jax.Array, kernels: Sequence[jax.Array], biases: Sequence[jax.Array] | None,
-            dtype) -> tuple[jax.Array, ...]:
+            dtype, precision: str = "float32") -> tuple[jax.Array, ...]:
     """``tuple(matmul(x, w, dtype) + b for w, b in zip(kernels, biases))`` as one matmul.
 
     Why: one [d, 3d] matmul instead of three [d, d] ones runs closer to the matmul peak on a CPU
@@ -54,7 +81,7 @@ def project(x: jax.Array, kernels: Sequence[jax.Array], biases: Sequence[jax.Arr
     ``biases`` is None for bias-free projections. Every kernel must have the same output width.
     """
     kernels = tuple(kernels)
-    y = matmul(x, jnp.concatenate(kernels, axis=1), dtype)
+    y = matmul(x, jnp.concatenate(kernels, axis=1), dtype, precision=precision)
     if biases is not None:
         y = y + jnp.concatenate(tuple(biases)).astype(y.dtype)
     return tuple(jnp.split(y, len(kernels), axis=-1))
@@ -123,7 +150,7 @@ def bf16_matmul(x: jax.Array, kernel: jax.Array, kernel_axis: int = 0) -> jax.Ar
 
 def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
               mask: jax.Array | None = None, causal: bool = False, impl: str | None = None,
-              dtype=jnp.float32) -> jax.Array:
+              dtype=jnp.float32, precision: str = "float32") -> jax.Array:
     """softmax(q k^T / sqrt(K) + masked) v per head: [B, T, H, K] queries against [B, S, H, K]
     keys and values, returning [B, T, H, K].
 
@@ -137,20 +164,26 @@ def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, 
     ``dtype``: the compute dtype q, k, v are cast to for dot_product_attention (cuDNN's kernel
     takes bfloat16 / float16 only); the CPU einsum path keeps its operands' dtype (float32
     from the projections) and computes logits and softmax in float32.
+    ``precision``: ``MATMUL_PRECISIONS`` for float32 operands (both einsums on CPU; passed to
+    dot_product_attention, which takes no precision argument, as jax's default for its dots).
     """
     t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
     if causal and t != s:
         raise ValueError(f"causal attention needs as many queries as keys, got {t} queries and "
                          f"{s} keys; pass causal=False and a [B, 1, T, S] mask instead")
     if impl is None and jax.default_backend() == "cpu":
-        return einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, causal)
+        return einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, causal,
+                                precision=precision)
     dt = jnp.dtype(dtype)
-    return jax.nn.dot_product_attention(q_BxTxHxK.astype(dt), k_BxSxHxK.astype(dt),
-                                        v_BxSxHxK.astype(dt), mask=mask, is_causal=causal,
-                                        implementation=impl)
+    lax_precision(precision)  # a bad name fails here too, not only on CPU
+    with jax.default_matmul_precision(precision):
+        return jax.nn.dot_product_attention(q_BxTxHxK.astype(dt), k_BxSxHxK.astype(dt),
+                                            v_BxSxHxK.astype(dt), mask=mask, is_causal=causal,
+                                            implementation=impl)
 
 
-def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=False):
+def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=False,
+                     precision: str = "float32"):
     """softmax(q k^T / sqrt(K), masked) v, written out as two einsums.
 
     The same maths as ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in
@@ -161,7 +194,8 @@ def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=
     """
     t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
     scale = q_BxTxHxK.shape[-1] ** -0.5
-    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+    prec = lax_precision(precision)
+    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, precision=prec,
                         preferred_element_type=jnp.float32) * jnp.float32(scale)
     keep = mask_Bx1xTxS
     if causal:
@@ -170,4 +204,4 @@ def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=
     if keep is not None:
         logits = jnp.where(keep, logits, jnp.float32(_MASKED_LOGIT))
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK)
+    return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK, precision=prec)

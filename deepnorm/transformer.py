@@ -270,6 +270,7 @@ class Transformer(nnx.Module):
         self.decoder = Stack(cfg, "decoder", rngs=rngs) if cfg.decoder_layers else None
         self.head = (None if cfg.tie_embeddings else
                      Dense(d, cfg.vocab_size, gain=1.0, axes=("embed", "vocab"), use_bias=False,
+                           precision=cfg.matmul_precision,
                            dtype=jnp.dtype(cfg.dtype), rngs=rngs))
 
     def _embed(self, tokens_BxT, key):
@@ -289,7 +290,8 @@ class Transformer(nnx.Module):
         if self.head is not None:
             return self.head(x_BxTxD).astype(jnp.float32)
         # Tied head: the embedding's transpose, in the compute dtype like every other matmul.
-        return matmul(x_BxTxD, self.embed[...], jnp.dtype(self.config.dtype), kernel_axis=1)
+        return matmul(x_BxTxD, self.embed[...], jnp.dtype(self.config.dtype), kernel_axis=1,
+                      precision=self.config.matmul_precision)
 
     def __call__(self, inputs_BxT, decoder_inputs_BxT=None, *, deterministic: bool = True,
                  dropout_key: jax.Array | None = None):

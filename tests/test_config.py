@@ -21,10 +21,10 @@ BAD = [
     ("unknown_remat", dict(remat_policy="some"), r"model\.remat_policy='some'.*none, full"),
     ("unknown_activation", dict(activation="swish"), r"model\.activation='swish'.*gelu, relu"),
     ("unknown_positions", dict(positions="rope"), r"model\.positions='rope'.*sinusoidal"),
-    ("unknown_dtype", dict(dtype="float16"), r"model\.dtype='float16'.*float32, bfloat16"),
+    ("unknown_dtype", dict(dtype="float64"), r"model\.dtype='float64'.*float32, bfloat16, float16"),
     ("unknown_attention_impl", dict(attention_impl="flash"), r"attention_impl='flash'"),
     ("cudnn_in_float32", dict(attention_impl="cudnn"),
-     r"model\.attention_impl='cudnn' needs model\.dtype in bfloat16 .*"
+     r"model\.attention_impl='cudnn' needs model\.dtype in bfloat16, float16 .*"
      r"got model\.dtype='float32'"),
     ("heads_do_not_divide", dict(d_model=18, num_heads=4),
      r"model\.d_model=18 is not divisible by model\.num_heads=4"),

@@ -9,6 +9,11 @@ The policy is ``train.on_nonfinite``:
   than ``train.max_consecutive_skips`` in a row ends the run. A finite loss above ``max_loss``
   still ends it (skipping cannot help a run that is finite but exploding).
 
+With float16 loss scaling (``deepnorm.training.loss_scale``) a step whose metrics say
+``overflow`` = 1 (non-finite gradients while the loss scale can still be halved) was already
+skipped on the device and the scale lowered: it is counted in ``overflow_steps`` and is no
+divergence under either policy, nor a gradient spike of any layer.
+
 "The layer whose gradient norm blew up first": each layer's gradient norm is compared with its
 own running (exponential) average over healthy steps; the first step at which some layer is
 ``spike_factor`` times above its average, or non-finite, is remembered (the earliest such
@@ -60,8 +65,12 @@ class DivergenceMonitor:
         self._events: collections.deque = collections.deque()
         self.consecutive_skips = 0
         self.skipped_steps = 0
+        self.overflow_steps = 0
 
     def observe(self, step: int, metrics) -> Divergence | None:
+        if int(metrics.get("overflow", 0)):
+            self.overflow_steps += 1
+            return None
         loss = float(metrics["loss"])
         finite = bool(metrics["finite"])
         per_layer = metrics.get("grad_norm_per_layer")

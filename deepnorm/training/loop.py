@@ -22,6 +22,7 @@ from deepnorm.initializers import describe
 from deepnorm.training import checkpoint as checkpoint_lib
 from deepnorm.training import divergence as divergence_lib
 from deepnorm.training import hugepages
+from deepnorm.training import loss_scale as loss_scale_lib
 from deepnorm.training import mesh as mesh_lib
 from deepnorm.training import preemption as preemption_lib
 from deepnorm.training import validation
@@ -30,7 +31,7 @@ from deepnorm.training.metrics import MetricsWriter
 from deepnorm.training.optim import make_optimizer
 from deepnorm.training.state import abstract_params, abstract_train_state, create_train_state
 from deepnorm.training.platform import resolve_model_config
-from deepnorm.training.steps import make_eval_step, make_train_step
+from deepnorm.training.steps import check_grad_accum, make_eval_step, make_train_step
 
 DIAGNOSTICS = ("every_step", "log_steps", "off")
 
@@ -66,6 +67,8 @@ def check_train_config(train) -> None:
                           f"{', '.join(DIAGNOSTICS)}")
     if not train.max_loss > 0:
         raise ConfigError(f"train.max_loss={train.max_loss!r} must be positive")
+    check_grad_accum(train.batch_size, train.grad_accum_steps)
+    loss_scale_lib.check_config(train)
 
 
 def derived_constants(model_cfg: TransformerConfig, config) -> dict:
@@ -75,7 +78,8 @@ def derived_constants(model_cfg: TransformerConfig, config) -> dict:
                warmup_steps=int(config.optimizer.warmup_steps),
                schedule=config.optimizer.schedule, b1=float(config.optimizer.b1),
                b2=float(config.optimizer.b2), batch_size=int(config.train.batch_size),
-               seq_len=int(config.train.seq_len))
+               seq_len=int(config.train.seq_len),
+               grad_accum_steps=int(config.train.grad_accum_steps))
     return out
 
 
@@ -86,7 +90,16 @@ def _stack_words(model_cfg: TransformerConfig) -> str:
     return f"{model_cfg.scan_unroll} layers per scan trip; " if model_cfg.scan_unroll > 1 else ""
 
 
-def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, mesh) -> str:
+def _loss_scale_words(model_cfg: TransformerConfig, train) -> str:
+    """float16 runs: where the dynamic loss scale starts and how it moves."""
+    if train is None or not loss_scale_lib.uses_loss_scaling(model_cfg.dtype):
+        return ""
+    return (f"dynamic loss scale from {float(train.initial_loss_scale):g} (x0.5 and skip on "
+            f"overflow, x2 after {train.loss_scale_period} finite steps); ")
+
+
+def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, mesh,
+                train=None) -> str:
     stacks = "; ".join(
         f"{s} alpha={derived[f'{s}_alpha']:.4g} beta(branch gain)="
         f"{derived[f'{s}_branch_gain']:.4g}"
@@ -96,11 +109,21 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"init={model_cfg.resolved_init}; {stacks}; lr={derived['learning_rate']:g} "
             f"({derived['schedule']}, warmup {derived['warmup_steps']}) adam b1="
             f"{derived['b1']:g} b2={derived['b2']:g}; batch {derived['batch_size']} x "
-            f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
+            f"{derived['seq_len']}"
+            + (f" in {derived['grad_accum_steps']} accumulated micro-batches"
+               if derived.get("grad_accum_steps", 1) > 1 else "")
+            + f"; {num_params:,} params; mesh {dict(mesh.shape)} over "
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
             f"{model_cfg.remat_policy}; "
             + _stack_words(model_cfg)
-            + f"{model_cfg.dtype} matmuls; {hugepages.describe()}")
+            + f"{model_cfg.dtype} matmuls, float32 dots at matmul_precision="
+            f"{model_cfg.matmul_precision}; " + _loss_scale_words(model_cfg, train)
+            + hugepages.describe())
+
+
+def _overflow_count(monitor, scaling: bool) -> dict:
+    """The running count of float16 overflow steps, for metrics rows of loss-scaled runs."""
+    return {"overflow_steps": monitor.overflow_steps} if scaling else {}
 
 
 def to_host(tree):
@@ -171,6 +194,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.sharding_rules(config.mesh)
     mesh_lib.check_batch_size(train.batch_size, mesh, jax.process_count())
+    check_grad_accum(train.batch_size, train.grad_accum_steps,
+                     math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES))
+    scaling = loss_scale_lib.uses_loss_scaling(model_cfg.dtype)
     data = DataSource(config, model_cfg, mesh)
     tx, schedule = make_optimizer(config.optimizer, train.num_steps)
     graphdef, param_state = abstract_params(model_cfg, train.seed)
@@ -199,20 +225,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return finished
     if state is None:
         admin_batch = data.first_batch() if model_cfg.residual == "admin" else None
-        graphdef, state = create_train_state(model_cfg, tx, train.seed, shardings=shardings,
-                                             admin_batch=admin_batch)
+        graphdef, state = create_train_state(
+            model_cfg, tx, train.seed, shardings=shardings, admin_batch=admin_batch,
+            loss_scale=float(train.initial_loss_scale) if scaling else 1.0)
     if primary:
         write_resolved_config(workdir, config, resuming=start_step > 0)
 
     derived = derived_constants(model_cfg, config)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    logging.info("%s", _start_line(model_cfg, derived, num_params, mesh))
+    logging.info("%s", _start_line(model_cfg, derived, num_params, mesh, train))
     if start_step:
         logging.info("resuming from checkpoint step %d in %s", start_step, workdir)
 
     diagnostics = train.diagnostics != "off"
     step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
-                       skip_nonfinite=train.on_nonfinite == "skip")
+                       skip_nonfinite=train.on_nonfinite == "skip",
+                       grad_accum_steps=train.grad_accum_steps,
+                       loss_scale_period=train.loss_scale_period if scaling else None)
     jit_step = lambda diag: jax.jit(  # noqa: E731
         make_train_step(graphdef, tx, diagnostics=diag, **step_kwargs),
         in_shardings=(shardings, data.sharding),
@@ -244,7 +273,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if event is not None:
             last["diverged"] = event
             writer.write(step, dict(metrics, learning_rate=schedule(step - 1),
-                                    skipped_steps=monitor.skipped_steps))
+                                    skipped_steps=monitor.skipped_steps,
+                                    **_overflow_count(monitor, scaling)))
             return False
         now = time.time()
         if timer["t"] is None:  # the first step includes compilation: time from its end
@@ -259,6 +289,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        steps_per_s=timer["steps"] / elapsed if elapsed > 0 else float("nan"))
             if train.on_nonfinite == "skip":
                 row["skipped_steps"] = monitor.skipped_steps
+            row.update(_overflow_count(monitor, scaling))
             writer.write(step, row)
             timer["t"], timer["steps"] = now, 0
         return True
@@ -316,9 +347,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "divergence": event.line() if event else None,
         "preempted": preempted,
         "skipped_steps": monitor.skipped_steps,
+        # float16 steps dropped for overflowing gradients (the loss scale halved); null when
+        # there is no loss scaling. Counted from this process's start, like skipped_steps.
+        "overflow_steps": monitor.overflow_steps if scaling else None,
+        "loss_scale": float(to_host(state.loss_scale)["scale"]) if scaling else None,
         "resumed_from_step": start_step or None,
         "checkpoint_steps": checkpoint_steps,
         "num_parameters": num_params,
+        "dtype": model_cfg.dtype,
+        "matmul_precision": model_cfg.matmul_precision,
         "derived": derived,
         "mesh": dict(mesh.shape),
         "num_devices": jax.device_count(),

@@ -35,6 +35,21 @@ def model_forward(model: Transformer, batch, *, deterministic=True, dropout_key=
                  dropout_key=dropout_key)
 
 
+def loss_sums(model: Transformer, batch, *, label_smoothing: float = 0.0, deterministic=True,
+              dropout_key=None):
+    """Summed weighted cross-entropy of ``model`` on ``batch``: (loss_sum, nll_sum, aux).
+
+    Sums, so that micro-batches of one batch combine exactly (gradient accumulation divides
+    by the whole batch's token count, which is known before any forward pass). ``nll_sum`` is
+    the unsmoothed sum; ``aux`` is the model's statistics plus ``"num_tokens"``.
+    """
+    logits, aux = model_forward(model, batch, deterministic=deterministic,
+                                dropout_key=dropout_key)
+    total, count = cross_entropy(logits, batch["targets"], batch["weights"], label_smoothing)
+    nll = cross_entropy(logits, batch["targets"], batch["weights"])[0] if label_smoothing else total
+    return total, nll, dict(aux, num_tokens=count)
+
+
 def loss_fn(model: Transformer, batch, *, label_smoothing: float = 0.0, deterministic=True,
             dropout_key=None):
     """Mean weighted cross-entropy of ``model`` on ``batch``; returns (loss, aux).
@@ -42,14 +57,8 @@ def loss_fn(model: Transformer, batch, *, label_smoothing: float = 0.0, determin
     ``aux`` is the model's statistics plus ``"num_tokens"`` (the weight sum) and ``"nll"`` (the
     unsmoothed loss, what eval perplexity is computed from).
     """
-    logits, aux = model_forward(model, batch, deterministic=deterministic,
-                                dropout_key=dropout_key)
-    total, count = cross_entropy(logits, batch["targets"], batch["weights"], label_smoothing)
-    denom = jnp.maximum(count, 1.0)
-    aux = dict(aux, num_tokens=count)
-    if label_smoothing:
-        nll, _ = cross_entropy(logits, batch["targets"], batch["weights"])
-        aux["nll"] = nll / denom
-    else:
-        aux["nll"] = total / denom
+    total, nll, aux = loss_sums(model, batch, label_smoothing=label_smoothing,
+                                deterministic=deterministic, dropout_key=dropout_key)
+    denom = jnp.maximum(aux["num_tokens"], 1.0)
+    aux["nll"] = nll / denom
     return total / denom, aux

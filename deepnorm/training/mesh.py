@@ -101,7 +101,7 @@ def param_specs(param_state, mesh: Mesh, rules) -> dict:
 
 def state_shardings(mesh: Mesh, tx, param_state, rules) -> TrainState:
     """A TrainState of ``NamedSharding``: optimizer moments follow their parameter's spec,
-    scalars (step, counts, rng) are replicated."""
+    scalars (step, counts, rng, loss scale) are replicated."""
     pspecs = param_specs(param_state, mesh, rules)
     abstract = nnx.to_pure_dict(param_state)
     opt_shapes = jax.eval_shape(tx.init, abstract)
@@ -114,7 +114,8 @@ def state_shardings(mesh: Mesh, tx, param_state, rules) -> TrainState:
     replicated = named(PartitionSpec())
     return TrainState(step=replicated, params=jax.tree.map(named, pspecs, is_leaf=is_spec),
                       opt_state=jax.tree.map(named, opt_specs, is_leaf=is_spec),
-                      rng=replicated)
+                      rng=replicated,
+                      loss_scale={"scale": replicated, "good_steps": replicated})
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

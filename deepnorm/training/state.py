@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from deepnorm.config import TransformerConfig
+from deepnorm.training import loss_scale as loss_scale_lib
 from deepnorm.transformer import Transformer
 
 
@@ -23,12 +24,15 @@ _DROPOUT_STREAM = 1
 
 @struct.dataclass
 class TrainState:
-    """``step`` counts finished updates; ``rng`` is the run's base key (dropout folds in step)."""
+    """``step`` counts finished updates; ``rng`` is the run's base key (dropout folds in step);
+    ``loss_scale`` is ``deepnorm.training.loss_scale``'s ``{"scale", "good_steps"}`` (scale 1
+    and unused unless ``model.dtype="float16"``), checkpointed like everything else."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    loss_scale: Any = None
 
 
 def build_model(model_cfg: TransformerConfig, seed: int, admin_batch=None) -> Transformer:
@@ -49,13 +53,15 @@ def abstract_params(model_cfg: TransformerConfig, seed: int = 0):
     return nnx.split(model, nnx.Param)
 
 
-def _init_fn(model_cfg: TransformerConfig, tx, seed: int, admin_batch=None):
+def _init_fn(model_cfg: TransformerConfig, tx, seed: int, admin_batch=None,
+             loss_scale: float = 1.0):
     def init():
         model = build_model(model_cfg, seed, admin_batch)
         params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params),
-                          rng=jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM))
+                          rng=jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM),
+                          loss_scale=loss_scale_lib.initial_state(loss_scale))
     return init
 
 
@@ -70,14 +76,16 @@ def abstract_train_state(model_cfg: TransformerConfig, tx, seed: int = 0) -> Tra
 
 
 def create_train_state(model_cfg: TransformerConfig, tx, seed: int, *, shardings=None,
-                       admin_batch=None):
+                       admin_batch=None, loss_scale: float = 1.0):
     """Returns ``(graphdef, TrainState)`` at step 0.
 
     The state is built inside ``jax.jit``, so with ``shardings`` (a TrainState of
     ``NamedSharding``, see ``deepnorm.training.mesh.state_shardings``) every array is created
     directly in its shard and no device ever holds the whole model. ``admin_batch`` (a batch
     dict) is needed only for ``residual="admin"``, whose omegas are profiled on it.
+    ``loss_scale``: the initial dynamic loss scale (float16 runs; 1 otherwise).
     """
     graphdef, _ = abstract_params(model_cfg, seed)
-    state = jax.jit(_init_fn(model_cfg, tx, seed, admin_batch), out_shardings=shardings)()
+    state = jax.jit(_init_fn(model_cfg, tx, seed, admin_batch, loss_scale),
+                    out_shardings=shardings)()
     return graphdef, state

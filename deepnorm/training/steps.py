@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jmp
 import optax
 from flax import nnx
 
 from deepnorm import layerwise
-from deepnorm.training.loss import cross_entropy, loss_fn, model_forward
+from deepnorm.config import ConfigError
+from deepnorm.training import loss_scale as loss_scale_lib
+from deepnorm.training.loss import cross_entropy, loss_sums, model_forward
+from deepnorm.training.loss import loss_fn  # noqa: F401  (steps.loss_fn, as before)
 from deepnorm.training.state import TrainState
 
 
@@ -28,8 +32,38 @@ def activation_norm_per_layer(aux) -> jax.Array:
                             for s in layerwise.STACKS if s in aux])
 
 
+def check_grad_accum(batch_size: int, grad_accum_steps, replicas: int = 1) -> None:
+    """One-line errors unless the batch splits into ``grad_accum_steps`` equal micro-batches,
+    each spread evenly over the ``replicas`` data-parallel devices."""
+    k = grad_accum_steps
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ConfigError(f"train.grad_accum_steps={k!r} must be a positive integer")
+    if batch_size % k:
+        raise ConfigError(f"train.batch_size={batch_size} is not divisible by "
+                          f"train.grad_accum_steps={k}")
+    if batch_size % (k * replicas):
+        raise ConfigError(
+            f"train.batch_size={batch_size} in train.grad_accum_steps={k} micro-batches of "
+            f"{batch_size // k} does not split over the {replicas} data x fsdp devices; use a "
+            f"multiple of {k * replicas}")
+
+
+def split_micro_batches(batch, num_micro: int):
+    """[B, ...] -> [num_micro, B / num_micro, ...]; micro-batch i holds examples i, i + k, ...
+
+    Strided rather than contiguous: with the batch sharded over devices along B, each device's
+    rows split into the k micro-batches locally (no example moves between devices), provided
+    every device holds a multiple of k rows (``check_grad_accum``).
+    """
+    def split(x):
+        b = x.shape[0]
+        return jnp.moveaxis(x.reshape((b // num_micro, num_micro) + x.shape[1:]), 1, 0)
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: bool = True,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, grad_accum_steps: int = 1,
+                    loss_scale_period: int | None = None):
     """Returns ``train_step(state, batch) -> (new_state, metrics)``.
 
     ``metrics`` (all scalars unless noted): ``loss`` (the optimized, label-smoothed loss),
@@ -41,39 +75,85 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
     optimizer state unchanged (the step counter still advances, as the data did); the caller
     counts ``finite == 0`` steps. Without it the non-finite update is applied and the caller
     stops the run.
+
+    ``grad_accum_steps`` = k > 1: the batch is split into k micro-batches run one after the
+    other in a ``lax.scan`` (activation memory of one micro-batch); their gradients, each of
+    the micro-batch's summed loss over the *whole* batch's token count, add up to the
+    big-batch gradient, and one optimizer update follows. Dropout draws an independent key
+    per micro-batch; the activation norms are the mean over the (equal-sized) micro-batches.
+
+    ``loss_scale_period`` (float16 runs, ``deepnorm.training.loss_scale``): the loss is
+    multiplied by ``state.loss_scale["scale"]`` before differentiation and the gradients
+    divided by it; non-finite gradients halve the scale and skip the update (``overflow`` = 1
+    in the metrics while the scale is above its floor, so the caller does not take it for a
+    divergence), ``loss_scale_period`` finite steps in a row double it. The metrics gain
+    ``loss_scale`` (the scale this step used) and ``overflow``.
     """
+    scaling = loss_scale_period is not None
 
     def train_step(state: TrainState, batch):
         dropout_key = jax.random.fold_in(state.rng, state.step)
+        scaler = (loss_scale_lib.from_state(state.loss_scale, loss_scale_period) if scaling
+                  else jmp.NoOpLossScale())
+        # The whole batch's token count, known before the forward pass: every micro-batch's
+        # summed loss is divided by it, so the micro-batch gradients simply add up.
+        num_tokens = jnp.sum(batch["weights"].astype(jnp.float32))
+        denom = jnp.maximum(num_tokens, 1.0)
 
-        def objective(params):
+        def objective(params, micro_batch, key):
             model = nnx.merge(graphdef, params)
-            return loss_fn(model, batch, label_smoothing=label_smoothing, deterministic=False,
-                           dropout_key=dropout_key)
+            total, nll, aux = loss_sums(model, micro_batch, label_smoothing=label_smoothing,
+                                        deterministic=False, dropout_key=key)
+            loss = total / denom
+            return scaler.scale(loss), (loss, nll / denom, aux)
 
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if grad_accum_steps == 1:
+            (_, (loss, nll, aux)), grads = grad_fn(state.params, batch, dropout_key)
+        else:
+            def accumulate(carry, xs):
+                index, micro_batch = xs
+                (_, (loss, nll, aux)), grads = grad_fn(
+                    state.params, micro_batch, jax.random.fold_in(dropout_key, index))
+                return jax.tree.map(jnp.add, carry, (loss, nll, grads)), aux
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, nll, grads), auxs = jax.lax.scan(
+                accumulate, zeros,
+                (jnp.arange(grad_accum_steps), split_micro_batches(batch, grad_accum_steps)))
+            aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), auxs)
+        grads = scaler.unscale(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if skip_nonfinite:
+        if skip_nonfinite or scaling:  # an overflowing float16 step is always dropped
             keep = lambda new, old: jax.tree.map(  # noqa: E731
                 lambda n, o: jnp.where(finite, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = {
             "loss": loss,
-            "nll": aux["nll"],
+            "nll": nll,
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
-            "num_tokens": aux["num_tokens"],
+            "num_tokens": num_tokens,
             "finite": finite.astype(jnp.int32),
         }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if scaling:
+            grads_finite = jnp.isfinite(grad_norm)
+            metrics["loss_scale"] = scaler.loss_scale
+            # Fixable by a smaller scale only while the scale can still drop.
+            metrics["overflow"] = (jnp.isfinite(loss) & ~grads_finite
+                                   & (scaler.loss_scale > loss_scale_lib.MIN_SCALE)
+                                   ).astype(jnp.int32)
+            new_state = new_state.replace(
+                loss_scale=loss_scale_lib.to_state(scaler.adjust(grads_finite)))
         if diagnostics:
             metrics["grad_norm_per_layer"] = layerwise.per_layer_norm(grads)
             metrics["update_norm_per_layer"] = layerwise.per_layer_norm(updates)
             metrics["activation_norm_per_layer"] = activation_norm_per_layer(aux)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step
