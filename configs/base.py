@@ -107,6 +107,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
     config.max_loss = 100.0  # a finite loss above this also counts as diverged
     config.progress_bar = True  # tqdm bar on the terminal (primary process only)
+    # With several processes: look for a SIGTERM / SIGINT on any process (a collective) every
+    # this many steps; one process reads its own flag after every step.
+    config.preemption_check_every = 10
     _check_known('train', config, overrides)
     config.update(overrides)
     return config
