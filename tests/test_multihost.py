@@ -55,7 +55,7 @@ def launch(workdir) -> list:
                              text=True) for pid in (0, 1)]
 
 
-def summaries_of(procs, timeout=180) -> list[dict]:
+def summaries_of(procs, timeout=300) -> list[dict]:
     """Waits for both processes; each must exit 0 and print its summary as the last line.
     A process stuck in a collective its peer never joins is killed, failing the test."""
     summaries = []
