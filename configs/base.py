@@ -70,9 +70,14 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     config.b1 = 0.9  # Adam beta1
     config.b2 = 0.98  # Adam beta2 (0.98 as in the DeepNet paper's fairseq setup)
     config.eps = 1e-8  # Adam epsilon
-    config.weight_decay = 0.01  # decoupled (AdamW) decay on weight matrices and embeddings only
+    config.weight_decay = 0.01  # decoupled (AdamW): weight matrices and both embeddings only
     config.warmup_steps = 100  # linear warmup from ~0; 0 = no warmup at all
-    config.schedule = "inverse_sqrt"  # after warmup: inverse_sqrt | cosine (to 0) | constant
+    # after warmup: inverse_sqrt | cosine (towards 0, reached one update after the last) |
+    # constant (formulas: deepnorm/training/optim.py, docs/training.md)
+    config.schedule = "inverse_sqrt"
+    # inverse_sqrt only: the update from which the rate decays as sqrt(decay_start / s);
+    # 0 = the end of warmup (with warmup_steps=0 too: no decay, the peak throughout)
+    config.decay_start = 0
     config.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 = no clipping
     config.label_smoothing = 0.1  # the DeepNet paper's translation setting; eval uses plain NLL
     _check_known('optimizer', config, overrides)
@@ -114,6 +119,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config.initial_loss_scale = 2.0**15
     config.loss_scale_period = 2000
     config.progress_bar = True  # tqdm bar on the terminal (primary process only)
+    # With several processes: look for a SIGTERM / SIGINT on any process (a collective) every
+    # this many steps; one process reads its own flag after every step.
+    config.preemption_check_every = 10
     _check_known('train', config, overrides)
     config.update(overrides)
     return config

@@ -3,8 +3,9 @@
 Each process reads its own shard of the data; the step's collectives run over all 4 devices
 (gloo between the processes). Both must finish with the same loss, and only process 0 writes
 the metrics. A SIGTERM to one process (a scheduler preempting one host) must stop both after
-the same step with one checkpoint, from which the same command on both resumes to the losses
-of the uninterrupted run. This file is also the worker:
+the same step (one where they compare their flags, ``train.preemption_check_every``) with one
+checkpoint, from which the same command on both resumes to the losses of the uninterrupted
+run. This file is also the worker:
 ``python tests/test_multihost.py PID PORT WORKDIR``.
 """
 
@@ -20,6 +21,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20  # the signal goes after step 3; the run must still be going when it lands
+CHECK_EVERY = 5  # train.preemption_check_every: the processes agree on a stop at 5, 10, 15
 
 
 def worker(process_id: int, port: int, workdir: str) -> dict:
@@ -32,7 +34,7 @@ def worker(process_id: int, port: int, workdir: str) -> dict:
     config.optimizer.update(schedule="constant", warmup_steps=0, learning_rate=3e-3)
     config.train.update(num_steps=STEPS, batch_size=8, seq_len=16, log_every=1,
                         eval_every=STEPS, eval_steps=1, checkpoint_every=STEPS,
-                        progress_bar=False)
+                        progress_bar=False, preemption_check_every=CHECK_EVERY)
     config.mesh.update(data=2, fsdp=2)  # fsdp: parameters split across the two processes
     config.distributed.update(enabled=True, coordinator_address=f"localhost:{port}",
                               num_processes=2, process_id=process_id)
@@ -53,7 +55,7 @@ def launch(workdir) -> list:
                              text=True) for pid in (0, 1)]
 
 
-def summaries_of(procs, timeout=180) -> list[dict]:
+def summaries_of(procs, timeout=300) -> list[dict]:
     """Waits for both processes; each must exit 0 and print its summary as the last line.
     A process stuck in a collective its peer never joins is killed, failing the test."""
     summaries = []
@@ -121,6 +123,7 @@ def test_sigterm_to_one_process_stops_both_and_the_same_command_resumes(uninterr
     stopped = first["final_step"]
     assert first["status"] == second["status"] == "preempted", (first, second)
     assert second["final_step"] == stopped and 3 <= stopped < STEPS
+    assert stopped % CHECK_EVERY == 0  # only the checked steps synchronize the processes
     assert second["preempted"].startswith(f"preempted by SIGTERM at step {stopped} of {STEPS}")
     assert first["preempted"].startswith(f"preempted by a signal to another process at step "
                                          f"{stopped} of {STEPS}")

@@ -42,39 +42,86 @@ def batch_for(cfg, b=4, t=8, seed=0):
 
 # --- schedules ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,warmup", [("inverse_sqrt", 4), ("inverse_sqrt", 0),
-                                         ("cosine", 3), ("constant", 0), ("constant", 5)])
-def test_schedule_matches_its_formula(kind, warmup):
+@pytest.mark.parametrize("kind,warmup,decay_start", [
+    ("inverse_sqrt", 4, 0), ("inverse_sqrt", 0, 0), ("inverse_sqrt", 0, 6),
+    ("inverse_sqrt", 3, 7), ("cosine", 3, 0), ("cosine", 0, 0), ("constant", 0, 0),
+    ("constant", 5, 0)])
+def test_schedule_matches_its_formula(kind, warmup, decay_start):
     lr, n = 2e-3, 20
     schedule = optim.make_schedule(opt_config(learning_rate=lr, warmup_steps=warmup,
-                                              schedule=kind), n)
+                                              decay_start=decay_start, schedule=kind), n)
     for count in range(n + 3):
         s = count + 1  # 1-based update number
         warm = min(1.0, s / warmup) if warmup else 1.0
         if kind == "inverse_sqrt":
-            w = max(warmup, 1)
-            decay = math.sqrt(w / max(s, w))
+            a = decay_start or warmup
+            decay = math.sqrt(a / max(s, a)) if a else 1.0
         elif kind == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * min(max((s - warmup) / (n - warmup), 0), 1)))
+            p = max(warmup, 1)
+            decay = 0.5 * (1 + math.cos(math.pi * min(max((s - p) / (n + 1 - p), 0), 1)))
         else:
             decay = 1.0
-        assert float(schedule(count)) == pytest.approx(lr * warm * decay, rel=1e-6), count
+        assert float(schedule(count)) == pytest.approx(lr * warm * decay, rel=1e-5), count
 
 
 def test_no_warmup_means_full_rate_on_the_first_update():
-    schedule = optim.make_schedule(opt_config(warmup_steps=0, schedule="constant"), 10)
-    assert float(schedule(0)) == pytest.approx(5e-4)
+    for kind in optim.SCHEDULES:
+        schedule = optim.make_schedule(opt_config(warmup_steps=0, schedule=kind), 10)
+        assert float(schedule(0)) == pytest.approx(5e-4), kind
 
+
+def test_inverse_sqrt_without_warmup_holds_the_peak_until_its_decay_anchor():
+    # No warmup and no decay_start: no time scale for a decay, the peak throughout (not
+    # lr * sqrt(1 / s), a half at the 4th update and a tenth at the 100th).
+    flat = optim.make_schedule(opt_config(warmup_steps=0, schedule="inverse_sqrt"), 200)
+    np.testing.assert_allclose([float(flat(c)) for c in (0, 3, 99)], 5e-4, rtol=1e-6)
+    # decay_start = w: the same decay as a warmup-w run, without its warmup.
+    warm = optim.make_schedule(opt_config(warmup_steps=8, schedule="inverse_sqrt"), 200)
+    cold = optim.make_schedule(opt_config(warmup_steps=0, decay_start=8,
+                                          schedule="inverse_sqrt"), 200)
+    assert float(cold(0)) == pytest.approx(5e-4)
+    for count in range(7, 200, 13):
+        assert float(cold(count)) == pytest.approx(float(warm(count)), rel=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_cosine_last_update_still_moves_the_weights(warmup):
+    n = 10
+    schedule = optim.make_schedule(opt_config(schedule="cosine", warmup_steps=warmup), n)
+    rates = [float(schedule(c)) for c in range(n)]
+    last = 5e-4 * 0.5 * (1 - math.cos(math.pi / (n + 1 - max(warmup, 1))))
+    assert rates[-1] == pytest.approx(last, rel=1e-5) and rates[-1] > 0
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))  # monotone decay
+
+
+def test_update_count_and_learning_rate_read_the_schedule_count():
+    opt = opt_config(schedule="inverse_sqrt", warmup_steps=4, grad_clip_norm=1.0)
+    tx, schedule = optim.make_optimizer(opt, 10)  # a chain: clip, then AdamW
+    params = {"kernel": jnp.ones((2,))}
+    opt_state = tx.init(params)
+    for expected in range(3):
+        assert int(optim.update_count(opt_state)) == expected
+        assert float(optim.learning_rate(schedule, opt_state)) == pytest.approx(
+            float(schedule(expected)))
+        _, opt_state = tx.update({"kernel": jnp.ones((2,))}, opt_state, params)
 
 @pytest.mark.parametrize("key,value,match", [
     ("schedule", "linear", r"optimizer\.schedule='linear' is not one of inverse_sqrt"),
     ("warmup_steps", -1, r"optimizer\.warmup_steps=-1 must be >= 0"),
     ("b2", 1.0, r"optimizer\.b2=1.0 must be in \[0, 1\)"),
     ("grad_clip_norm", -1.0, r"optimizer\.grad_clip_norm=-1.0"),
+    ("decay_start", 3, r"optimizer\.decay_start=3 must be 0 \(the end of warmup\) or >= "
+                       r"optimizer\.warmup_steps=100"),
 ])
 def test_bad_optimizer_values_name_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         optim.make_optimizer(opt_config(**{key: value}), 10)
+
+
+def test_decay_start_is_refused_where_it_would_do_nothing():
+    with pytest.raises(ConfigError, match=r"optimizer\.decay_start=5 is for "
+                                          r"schedule=inverse_sqrt only \(schedule='cosine'\)"):
+        optim.make_schedule(opt_config(schedule="cosine", decay_start=5, warmup_steps=0), 10)
 
 
 def test_weight_decay_hits_matrices_not_norms_or_biases():
@@ -88,6 +135,20 @@ def test_weight_decay_hits_matrices_not_norms_or_biases():
     np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_array_equal(updates["n"]["scale"], 0.0)
     np.testing.assert_array_equal(updates["n"]["bias"], 0.0)
+
+
+def test_both_embeddings_are_decayed_and_no_norm_or_bias_is():
+    cfg = TransformerConfig(arch="decoder", num_layers=1, d_model=16, num_heads=2, d_ff=32,
+                            positions="learned", max_len=8, tie_embeddings=True)
+    _, params = state.abstract_params(cfg)
+    mask = optim.decay_mask(nnx.to_pure_dict(params))
+    assert mask["embed"] is True and mask["pos_embed"] is True
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    for name, decayed in flat.items():
+        leaf = name.rsplit("/", 1)[-1]
+        assert decayed == (leaf in ("kernel", "embed", "pos_embed")), name
+    assert any(n.endswith("scale") for n in flat) and any(n.endswith("bias") for n in flat)
 
 
 def test_grad_clipping_bounds_the_global_norm():

@@ -98,3 +98,17 @@ def test_skip_policy_drops_bad_steps_then_gives_up(tmp_path):
     assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
     assert "3 non-finite steps in a row" in summary["divergence"]
     assert train_rows(str(tmp_path))[-1]["skipped_steps"] == 3
+
+
+def test_the_logged_learning_rate_is_the_one_the_update_used_after_skips(tmp_path):
+    # Warmup over 4 updates: step 1 applies rate lr/4 and overflows the params; steps 2-4 are
+    # dropped, each rolling the optimizer's count back, so each of them ran at rate 2 lr/4
+    # (not 3 lr/4 and 4 lr/4, what schedule(step - 1) would say).
+    config = tiny_config(on_nonfinite="skip", max_consecutive_skips=2, num_steps=10)
+    config.optimizer.update(learning_rate=1e30, warmup_steps=4)
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["skipped_steps"] == 3
+    rows = train_rows(str(tmp_path))
+    assert [r["finite"] for r in rows] == [1, 0, 0, 0]
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.25e30, 0.5e30, 0.5e30,
+                                                                0.5e30], rel=1e-6)

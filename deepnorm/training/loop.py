@@ -1,18 +1,30 @@
 """``train_and_evaluate(config, workdir)``: the whole run, importable (train.py is a shell).
 
-One pass through the setup (every bad value fails here, as ``ConfigError``, before anything
-is compiled), then the hot loop: a jitted, donated, sharded ``train_step`` per batch. The
-metrics of step ``s`` are fetched to the host only after step ``s + 1`` has been launched, so
-logging never leaves the device idle (nanodo's trick); checkpoint and eval steps synchronize.
+``train_and_evaluate`` reads in one screen; each of its lines is one of the named pieces here:
+
+* ``_setup``: one pass through the config (every bad value fails here, as ``ConfigError``,
+  before anything is compiled or created), the mesh, data, optimizer and checkpointer, and
+  the train state restored from the workdir's newest checkpoint or freshly initialized.
+* ``_compile_train_step``: the jitted, donated, sharded step; it also reports the learning
+  rate the update used, read from the optimizer state's count.
+* ``_Lagged``: the metrics of step ``s`` are fetched to the host only after step ``s + 1`` has
+  been launched, so logging never leaves the device idle (nanodo's trick).
+* ``_Reporter``: the host side of a step: divergence check, timing, the metrics row.
+* ``_Cadence``: which steps are logged, evaluated and checkpointed; evals and checkpoints
+  synchronize (the pending step is reported first).
+* the preemption guard (``deepnorm.training.preemption``): after a signal, the step in flight
+  is reported, checkpointed, and the run stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,7 +40,7 @@ from deepnorm.training import preemption as preemption_lib
 from deepnorm.training import validation
 from deepnorm.training.data import DataSource
 from deepnorm.training.metrics import MetricsWriter
-from deepnorm.training.optim import make_optimizer
+from deepnorm.training.optim import learning_rate, make_optimizer
 from deepnorm.training.state import abstract_params, abstract_train_state, create_train_state
 from deepnorm.training.platform import resolve_model_config
 from deepnorm.training.steps import check_grad_accum, make_eval_step, make_train_step
@@ -55,7 +67,8 @@ def initialize_distributed(dist_config) -> None:
 def check_train_config(train) -> None:
     """One-line errors for ``train.*`` values that cannot work."""
     for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_steps",
-                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
+                 "preemption_check_every"):
         value = train[name]
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"train.{name}={value!r} must be a positive integer")
@@ -121,10 +134,6 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             + hugepages.describe())
 
 
-def _overflow_count(monitor, scaling: bool) -> dict:
-    """The running count of float16 overflow steps, for metrics rows of loss-scaled runs."""
-    return {"overflow_steps": monitor.overflow_steps} if scaling else {}
-
 
 def to_host(tree):
     """Device metrics (replicated) -> NumPy, also for arrays spanning several processes."""
@@ -182,6 +191,78 @@ def train_and_evaluate(config, workdir: str) -> dict:
     that is also written to ``workdir/summary.json``."""
     initialize_distributed(config.distributed)
     started = time.time()
+    run = _setup(config, workdir)
+    if run.finished is not None:
+        return run.finished
+    train, state, step = run.train, run.state, run.start_step
+    train_step = _compile_train_step(run, config)
+    reporter = _Reporter(run)
+    cadence = _Cadence(train, run.checkpointer)
+    lagged = _Lagged()
+    preempted = None  # the line saying where a SIGTERM / SIGINT stopped the run
+    guard = preemption_lib.PreemptionGuard(check_every=train.preemption_check_every).install()
+    try:
+        while step < train.num_steps:
+            batch = run.data.to_global(next(run.train_iter))
+            state, metrics = train_step(cadence.logged(step + 1))(state, batch)
+            step += 1
+            if not reporter(lagged.swap(step, metrics)):
+                break
+            if cadence.synchronizes(step):
+                if not reporter(lagged.drain()):
+                    break
+                if cadence.checkpoints(step):
+                    run.checkpointer.save(step, state, run.train_iter)
+                if cadence.evaluates(step):
+                    reporter.evaluate(step, state.params)
+            if step < train.num_steps and guard.requested(step):
+                if not reporter(lagged.drain()):
+                    break  # diverged on this very step: nothing worth checkpointing
+                run.checkpointer.save(step, state, run.train_iter)
+                preempted = (f"preempted by {guard.signal_name} at step {step} of "
+                             f"{train.num_steps}; checkpoint {run.checkpointer.directory}/"
+                             f"{step}; run the same command to resume")
+                break
+        else:
+            reporter(lagged.drain())
+    finally:
+        guard.uninstall()
+        run.checkpointer.close()
+        reporter.writer.close()
+    return _finish(run, reporter, state, step, preempted, started)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop needs, built and validated by ``_setup``."""
+
+    model_cfg: TransformerConfig
+    train: Any
+    workdir: str
+    primary: bool
+    mesh: Any
+    data: DataSource
+    tx: Any
+    schedule: Any
+    shardings: Any
+    graphdef: Any
+    train_iter: Any
+    evaluator: "_Evaluator"
+    checkpointer: checkpoint_lib.Checkpointer
+    state: Any = None
+    start_step: int = 0
+    finished: dict | None = None  # the summary of a run that already reached num_steps
+    derived: dict = dataclasses.field(default_factory=dict)
+    num_params: int = 0
+
+    @property
+    def scaling(self) -> bool:
+        """float16: the step carries a dynamic loss scale."""
+        return loss_scale_lib.uses_loss_scaling(self.model_cfg.dtype)
+
+
+def _setup(config, workdir: str) -> _Run:
+    """Validates, builds the pieces, restores (or initializes) the state, logs the start."""
     # Platform-dependent "auto" values are chosen here, once, before any model is built.
     model_cfg = resolve_model_config(TransformerConfig.from_mapping(config.model))
     train = config.train
@@ -196,8 +277,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh_lib.check_batch_size(train.batch_size, mesh, jax.process_count())
     check_grad_accum(train.batch_size, train.grad_accum_steps,
                      math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES))
-    scaling = loss_scale_lib.uses_loss_scaling(model_cfg.dtype)
-    data = DataSource(config, model_cfg, mesh)
+    # A translation run's vocabulary: the workdir's own copy when resuming, else trained/cached.
+    data = DataSource(config, model_cfg, mesh, workdir=workdir)
     tx, schedule = make_optimizer(config.optimizer, train.num_steps)
     graphdef, param_state = abstract_params(model_cfg, train.seed)
     shardings = mesh_lib.state_shardings(mesh, tx, param_state, rules)
@@ -210,154 +291,189 @@ def train_and_evaluate(config, workdir: str) -> dict:
             os.makedirs(workdir, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"--workdir={workdir} cannot be created: {err.strerror}") from err
+        data.save_vocab(workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, every=train.checkpoint_every,
                                                keep=train.keep_checkpoints,
                                                async_save=train.async_checkpoints)
+    run = _Run(model_cfg, train, workdir, primary, mesh, data, tx, schedule, shardings,
+               graphdef, train_iter, evaluator, checkpointer)
     abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
                                             shardings)
-    state, start_step = checkpointer.restore_latest(
-        abstract, train_iter, changed_keys=validation.changed_config_keys(workdir, config))
-    finished = _finished_summary(workdir, start_step, train.num_steps)
-    if finished is not None:
+    run.state, run.start_step = checkpointer.restore_latest(
+        abstract, run.train_iter, changed_keys=validation.changed_config_keys(workdir, config))
+    run.finished = _finished_summary(workdir, run.start_step, train.num_steps)
+    if run.finished is not None:
         checkpointer.close()
         logging.info("%s already completed %d steps; nothing to do (raise "
-                     "train.num_steps to continue)", workdir, start_step)
-        return finished
-    if state is None:
+                     "train.num_steps to continue)", workdir, run.start_step)
+        return run
+    if run.state is None:
         admin_batch = data.first_batch() if model_cfg.residual == "admin" else None
-        graphdef, state = create_train_state(
+        scaling = loss_scale_lib.uses_loss_scaling(model_cfg.dtype)
+        run.graphdef, run.state = create_train_state(
             model_cfg, tx, train.seed, shardings=shardings, admin_batch=admin_batch,
             loss_scale=float(train.initial_loss_scale) if scaling else 1.0)
     if primary:
-        write_resolved_config(workdir, config, resuming=start_step > 0)
+        write_resolved_config(workdir, config, resuming=run.start_step > 0)
+    run.derived = derived_constants(model_cfg, config)
+    run.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
+    logging.info("%s", _start_line(model_cfg, run.derived, run.num_params, mesh, train))
+    logging.info("data: %s", data.describe())
+    if run.start_step:
+        logging.info("resuming from checkpoint step %d in %s", run.start_step, workdir)
+    return run
 
-    derived = derived_constants(model_cfg, config)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    logging.info("%s", _start_line(model_cfg, derived, num_params, mesh, train))
-    if start_step:
-        logging.info("resuming from checkpoint step %d in %s", start_step, workdir)
 
-    diagnostics = train.diagnostics != "off"
+def _compile_train_step(run: _Run, config):
+    """``train_step(with_diagnostics) -> jitted step``. ``train.diagnostics="log_steps"``
+    compiles a second step without the per-layer reductions for the steps not logged."""
+    train = run.train
     step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
                        skip_nonfinite=train.on_nonfinite == "skip",
                        grad_accum_steps=train.grad_accum_steps,
-                       loss_scale_period=train.loss_scale_period if scaling else None)
-    jit_step = lambda diag: jax.jit(  # noqa: E731
-        make_train_step(graphdef, tx, diagnostics=diag, **step_kwargs),
-        in_shardings=(shardings, data.sharding),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-    full_step = jit_step(diagnostics)
-    # "log_steps": the per-layer reductions only on the steps that are logged.
-    light_step = jit_step(False) if train.diagnostics == "log_steps" else full_step
+                       loss_scale_period=(train.loss_scale_period if run.scaling else None))
 
-    monitor = divergence_lib.DivergenceMonitor(
-        divergence_lib.layer_names(model_cfg.encoder_layers, model_cfg.decoder_layers),
-        policy=train.on_nonfinite, max_loss=float(train.max_loss),
-        max_consecutive_skips=train.max_consecutive_skips)
-    writer = MetricsWriter(workdir, primary=primary, start_step=start_step,
-                           num_steps=train.num_steps, progress=train.progress_bar)
-    tokens_per_step = train.batch_size * train.seq_len
-    last = {"loss": None, "eval": None, "diverged": None}
-    timer = {"t": None, "steps": 0}
+    def compile_step(diagnostics: bool):
+        inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, **step_kwargs)
 
-    def is_logged(step: int) -> bool:
+        def step(state, batch):
+            # The rate this update uses, from the optimizer's own count: a step dropped by
+            # on_nonfinite=skip rolls that count back, so step - 1 would overstate it.
+            rate = learning_rate(run.schedule, state.opt_state)
+            state, metrics = inner(state, batch)
+            return state, dict(metrics, learning_rate=rate)
+
+        return jax.jit(step, in_shardings=(run.shardings, run.data.sharding),
+                       out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)),
+                       donate_argnums=0)
+
+    full = compile_step(train.diagnostics != "off")
+    light = compile_step(False) if train.diagnostics == "log_steps" else full
+    return lambda logged: full if logged else light
+
+
+class _Lagged:
+    """Holds the newest step's device metrics until the host looks at them."""
+
+    def __init__(self):
+        self.pending = None  # (step, device metrics) launched but not yet looked at
+
+    def swap(self, step: int, metrics):
+        """Keeps step ``step``'s metrics; returns the previous step's (None the first time)."""
+        previous, self.pending = self.pending, (step, metrics)
+        return previous
+
+    def drain(self):
+        """The pending step's metrics (None if there is none), before a synchronizing step."""
+        previous, self.pending = self.pending, None
+        return previous
+
+
+class _Cadence:
+    """Which steps are logged, evaluated and checkpointed (the last step always is)."""
+
+    def __init__(self, train, checkpointer: checkpoint_lib.Checkpointer):
+        self.train, self.checkpointer = train, checkpointer
+
+    def logged(self, step: int) -> bool:
         """Every log_every-th step, plus the first (the starting loss) and the last."""
-        return step % train.log_every == 0 or step in (1, train.num_steps)
+        return step % self.train.log_every == 0 or step in (1, self.train.num_steps)
 
-    def handle(step: int, metrics_device) -> bool:
-        """Host side of step ``step`` (1-based count of finished updates); False = stop."""
-        metrics = to_host(metrics_device)
-        writer.advance()
-        last["loss"] = float(metrics["loss"])
-        event = monitor.observe(step, metrics)
+    def evaluates(self, step: int) -> bool:
+        return step % self.train.eval_every == 0 or step == self.train.num_steps
+
+    def checkpoints(self, step: int) -> bool:
+        return self.checkpointer.due(step) or step == self.train.num_steps
+
+    def synchronizes(self, step: int) -> bool:
+        return self.checkpoints(step) or self.evaluates(step)
+
+
+class _Reporter:
+    """The host side of each step: divergence monitor, throughput, metrics rows, evals."""
+
+    def __init__(self, run: _Run):
+        train = run.train
+        self.run, self.train, self.cadence = run, train, _Cadence(train, run.checkpointer)
+        self.monitor = divergence_lib.DivergenceMonitor(
+            divergence_lib.layer_names(run.model_cfg.encoder_layers,
+                                       run.model_cfg.decoder_layers),
+            policy=train.on_nonfinite, max_loss=float(train.max_loss),
+            max_consecutive_skips=train.max_consecutive_skips)
+        self.writer = MetricsWriter(run.workdir, primary=run.primary,
+                                    start_step=run.start_step, num_steps=train.num_steps,
+                                    progress=train.progress_bar)
+        self.tokens_per_step = train.batch_size * train.seq_len
+        self.loss = self.eval = self.diverged = None
+        self._timer_start, self._timed_steps = None, 0
+
+    def __call__(self, lagged) -> bool:
+        """Reports ``(step, device metrics)`` (nothing if None); False = stop the run."""
+        if lagged is None:
+            return True
+        step, metrics = lagged[0], to_host(lagged[1])
+        self.writer.advance()
+        self.loss = float(metrics["loss"])
+        event = self.monitor.observe(step, metrics)
         if event is not None:
-            last["diverged"] = event
-            writer.write(step, dict(metrics, learning_rate=schedule(step - 1),
-                                    skipped_steps=monitor.skipped_steps,
-                                    **_overflow_count(monitor, scaling)))
+            self.diverged = event
+            self.writer.write(step, dict(metrics, skipped_steps=self.monitor.skipped_steps,
+                                         **self._overflow_count()))
             return False
         now = time.time()
-        if timer["t"] is None:  # the first step includes compilation: time from its end
-            timer["t"], timer["steps"] = now, 0
+        if self._timer_start is None:  # the first step includes compilation: time from its end
+            self._timer_start, self._timed_steps = now, 0
         else:
-            timer["steps"] += 1
-        if is_logged(step):
-            elapsed = now - timer["t"]
-            row = dict(metrics, learning_rate=schedule(step - 1),
-                       tokens_per_s=(timer["steps"] * tokens_per_step / elapsed
-                                     if timer["steps"] and elapsed > 0 else float("nan")),
-                       steps_per_s=timer["steps"] / elapsed if elapsed > 0 else float("nan"))
-            if train.on_nonfinite == "skip":
-                row["skipped_steps"] = monitor.skipped_steps
-            row.update(_overflow_count(monitor, scaling))
-            writer.write(step, row)
-            timer["t"], timer["steps"] = now, 0
+            self._timed_steps += 1
+        if self.cadence.logged(step):
+            elapsed, steps = now - self._timer_start, self._timed_steps
+            row = dict(metrics,
+                       tokens_per_s=(steps * self.tokens_per_step / elapsed
+                                     if steps and elapsed > 0 else float("nan")),
+                       steps_per_s=steps / elapsed if elapsed > 0 else float("nan"))
+            if self.train.on_nonfinite == "skip":
+                row["skipped_steps"] = self.monitor.skipped_steps
+            row.update(self._overflow_count())
+            self.writer.write(step, row)
+            self._timer_start, self._timed_steps = now, 0
         return True
 
-    pending = None  # (step, device metrics) launched but not yet looked at on the host
-    step = start_step
-    preempted = None  # the line saying where a SIGTERM / SIGINT stopped the run
-    guard = preemption_lib.PreemptionGuard().install()
-    try:
-        while step < train.num_steps:
-            batch = data.to_global(next(train_iter))
-            state, metrics = (full_step if is_logged(step + 1) else light_step)(state, batch)
-            step += 1
-            previous, pending = pending, (step, metrics)
-            if previous is not None and not handle(*previous):
-                break
-            final = step == train.num_steps
-            if checkpointer.due(step) or step % train.eval_every == 0 or final:
-                previous, pending = pending, None  # checkpoints and evals synchronize
-                if not handle(*previous):
-                    break
-                if checkpointer.due(step) or final:
-                    checkpointer.save(step, state, train_iter)
-                if step % train.eval_every == 0 or final:
-                    last["eval"] = evaluator(state.params)
-                    writer.write(step, last["eval"], kind="eval")
-                    writer.message(f"step {step}: loss {last['loss']:.4f}, eval loss "
-                                   f"{last['eval']['eval_loss']:.4f}, perplexity "
-                                   f"{last['eval']['eval_perplexity']:.2f}")
-            if step < train.num_steps and guard.requested():
-                previous, pending = pending, None
-                if previous is not None and not handle(*previous):
-                    break  # diverged on this very step: nothing worth checkpointing
-                checkpointer.save(step, state, train_iter)
-                preempted = (f"preempted by {guard.signal_name} at step {step} of "
-                             f"{train.num_steps}; checkpoint {checkpointer.directory}/{step}; "
-                             "run the same command to resume")
-                break
-        else:
-            if pending is not None:
-                handle(*pending)
-    finally:
-        guard.uninstall()
-        checkpointer.close()
-        writer.close()
-    checkpoint_steps = checkpointer.steps()
+    def _overflow_count(self) -> dict:
+        """The running count of float16 overflow steps, in loss-scaled runs' metrics rows."""
+        return {"overflow_steps": self.monitor.overflow_steps} if self.run.scaling else {}
 
-    event = last["diverged"]
+    def evaluate(self, step: int, params) -> None:
+        self.eval = self.run.evaluator(params)
+        self.writer.write(step, self.eval, kind="eval")
+        self.writer.message(f"step {step}: loss {self.loss:.4f}, eval loss "
+                            f"{self.eval['eval_loss']:.4f}, perplexity "
+                            f"{self.eval['eval_perplexity']:.2f}")
+
+
+def _finish(run: _Run, reporter: _Reporter, state, step: int, preempted: str | None,
+            started: float) -> dict:
+    """The summary (returned, logged, and written to summary.json by the primary)."""
+    event, last_eval = reporter.diverged, reporter.eval
     summary = {
         "status": "diverged" if event else "preempted" if preempted else "completed",
         "final_step": event.step if event else step,
-        "final_loss": event.loss if event else last["loss"],
-        "final_eval_loss": last["eval"]["eval_loss"] if last["eval"] else None,
-        "final_eval_perplexity": last["eval"]["eval_perplexity"] if last["eval"] else None,
+        "final_loss": event.loss if event else reporter.loss,
+        "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
+        "final_eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
         "divergence": event.line() if event else None,
         "preempted": preempted,
-        "skipped_steps": monitor.skipped_steps,
+        "skipped_steps": reporter.monitor.skipped_steps,
         # float16 steps dropped for overflowing gradients (the loss scale halved); null when
         # there is no loss scaling. Counted from this process's start, like skipped_steps.
-        "overflow_steps": monitor.overflow_steps if scaling else None,
-        "loss_scale": float(to_host(state.loss_scale)["scale"]) if scaling else None,
-        "resumed_from_step": start_step or None,
-        "checkpoint_steps": checkpoint_steps,
-        "num_parameters": num_params,
-        "dtype": model_cfg.dtype,
-        "matmul_precision": model_cfg.matmul_precision,
-        "derived": derived,
-        "mesh": dict(mesh.shape),
+        "overflow_steps": reporter.monitor.overflow_steps if run.scaling else None,
+        "loss_scale": float(to_host(state.loss_scale)["scale"]) if run.scaling else None,
+        "resumed_from_step": run.start_step or None,
+        "checkpoint_steps": run.checkpointer.steps(),
+        "num_parameters": run.num_params,
+        "dtype": run.model_cfg.dtype,
+        "matmul_precision": run.model_cfg.matmul_precision,
+        "derived": run.derived,
+        "mesh": dict(run.mesh.shape),
         "num_devices": jax.device_count(),
         "num_processes": jax.process_count(),
         "wall_s": round(time.time() - started, 2),
@@ -366,7 +482,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.error("%s", event.line())
     if preempted:
         logging.warning("%s", preempted)
-    if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+    if run.primary:
+        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

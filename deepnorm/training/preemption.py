@@ -8,9 +8,12 @@ stopped. Running the same command again resumes from that checkpoint. A second C
 checkpoint is being written raises ``KeyboardInterrupt`` (the user insists; the last committed
 checkpoint is still intact, see ``deepnorm.training.checkpoint``).
 
-With several processes (multi-host) only some may receive the signal; ``requested()`` then
-takes the logical OR over all processes, so they all stop after the same step and write one
-consistent checkpoint.
+With several processes (multi-host) only some may receive the signal; ``requested(step)``
+then takes the logical OR over all processes, so they all stop after the same step and write
+one consistent checkpoint. That OR is a collective and a host sync, so it runs only every
+``check_every``-th step (``train.preemption_check_every``): a signal is acted on at most that
+many steps late, which a scheduler's grace period (tens of seconds) easily covers. With one
+process the flag is local and read after every step.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class PreemptionGuard:
     """Turns SIGTERM / SIGINT into a flag between ``install()`` and ``uninstall()``."""
 
-    def __init__(self, signals=SIGNALS):
+    def __init__(self, signals=SIGNALS, *, check_every: int = 1):
         self.signals = tuple(signals)
+        self.check_every = check_every
         self.signal_name: str | None = None  # the first signal received, e.g. "SIGTERM"
         self._previous: dict = {}
 
@@ -58,12 +62,15 @@ class PreemptionGuard:
             logging.warning("%s received: finishing the current step, then checkpointing "
                             "and exiting (Ctrl-C again to abort at once)", name)
 
-    def requested(self) -> bool:
-        """True once any process has received a signal (a collective when multi-process:
-        every process must call it after the same steps)."""
+    def requested(self, step: int) -> bool:
+        """True once any process has received a signal. Multi-process: a collective on every
+        ``check_every``-th ``step`` (every process calls it after the same steps), False on
+        the others, so that all processes answer alike."""
         local = self.signal_name is not None
         if jax.process_count() == 1:
             return local
+        if step % self.check_every:
+            return False
         from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.array([int(local)], np.int32))
         if np.any(flags) and self.signal_name is None:
