@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from deepnorm.analysis import cli
@@ -91,3 +92,31 @@ def test_grad_norms_command_writes_json_and_png(tmp_path, config_file):
     assert (out / "grad-norms.png").stat().st_size > 10_000
     meta = json.loads((out / "grad-norms.meta.json").read_text())
     assert meta["base_model"]["d_model"] == 16 and meta["seconds"] > 0
+
+
+def test_grad_norms_after_training_measures_on_held_out_batches(tmp_path, config_file,
+                                                                monkeypatch):
+    """The expected gradient after warmup training is taken on batches the model never
+    trained on: training on the measured batches would shrink exactly what is measured."""
+    from deepnorm.analysis import grad_norms
+
+    seen = {}
+    real_train, real_norms = grad_norms.adam_train, grad_norms._expected_norms
+
+    def train(graphdef, params, batches, **kw):
+        seen["train"] = batches
+        return real_train(graphdef, params, batches, **kw)
+
+    def norms(graphdef, params, batches):
+        seen["measure"] = batches
+        return real_norms(graphdef, params, batches)
+
+    monkeypatch.setattr(grad_norms, "adam_train", train)
+    monkeypatch.setattr(grad_norms, "_expected_norms", norms)
+    assert cli.main(["grad-norms", f"--out={tmp_path}", f"--config={config_file}",
+                     "--config.model.d_model=16", "--residuals=pre", "--seeds=1",
+                     "--batches=2", "--batch-size=2", "--seq-len=8", "--warmup-steps=3"]) == 0
+    trained = {row.tobytes() for row in np.asarray(seen["train"]["inputs"]).reshape(-1, 8)}
+    measured = {row.tobytes() for row in np.asarray(seen["measure"]["inputs"]).reshape(-1, 8)}
+    assert len(trained) >= 3 and len(measured) == 4
+    assert not trained & measured

@@ -86,6 +86,7 @@ def test_records_schema_decoder_only_has_no_stack_and_warmup_changes_them():
     assert all("stack" not in r for r in at_init)
     assert sorted({r["layer"] for r in at_init}) == [1, 2, 3]
     trained = grad_norms.measure(DECODER, seeds=[0], batches=batches, warmup_steps=3,
+                                 train_batches=batches,
                                  warmup_lr=1e-3)
     a = grad_norms.by_layer(at_init, "pre", 3)
     b = grad_norms.by_layer(trained, "pre", 3)

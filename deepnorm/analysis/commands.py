@@ -16,11 +16,16 @@ def run(command: str, args, base, data_config, config, out: pathlib.Path) -> lis
     """Runs ``command`` and writes its figure to ``out``; returns the JSON records."""
     seeds = list(range(args.seeds))
     if command == "grad-norms":
-        batches = stacked_batches(data_config, arch=base.arch, num_batches=args.batches,
-                                  batch_size=args.batch_size, seq_len=args.seq_len)
+        # One stream of batches: the first ones are measured, the ones after them (disjoint)
+        # train the model first when --warmup-steps > 0.
+        stream = stacked_batches(data_config, arch=base.arch,
+                                 num_batches=args.batches + args.warmup_steps,
+                                 batch_size=args.batch_size, seq_len=args.seq_len)
+        batches = {k: v[:args.batches] for k, v in stream.items()}
+        train = {k: v[args.batches:] for k, v in stream.items()} if args.warmup_steps else None
         records = grad_norms.run(base, schemes=args.residuals, depths=args.depths, seeds=seeds,
                                  batches=batches, warmup_steps=args.warmup_steps,
-                                 warmup_lr=args.lr)
+                                 warmup_lr=args.lr, train_batches=train)
         plotting.plot_grad_norms(records, out / "grad-norms.png")
         return records
     if command == "update-norms":

@@ -89,18 +89,21 @@ def _expected_norms(graphdef, params_S, batches):
 
 
 def measure(cfg, *, seeds: Iterable[int], batches, warmup_steps: int = 0,
-            warmup_lr: float = 1e-3, scheme: str | None = None) -> list[dict]:
+            warmup_lr: float = 1e-3, train_batches=None, scheme: str | None = None
+            ) -> list[dict]:
     """Records of the expected gradient norm per (seed, layer, group) for one model config.
 
     ``batches`` is a stacked set {key: [K, B, ...]}; the same batches serve every seed, so the
     spread over seeds is the spread over initializations. With ``warmup_steps`` > 0 each seed
-    first takes that many Adam steps (linear warmup to ``warmup_lr``) on the same batches,
-    cycling through them, and the gradient is measured after.
+    first takes that many Adam steps (linear warmup to ``warmup_lr``) on ``train_batches``
+    (held out from ``batches``, cycled), and the gradient is measured after.
     """
+    if warmup_steps and train_batches is None:
+        raise ValueError("warmup_steps > 0 needs train_batches disjoint from the measured ones")
     seeds = list(seeds)
     graphdef, params = init_params(cfg, seeds, first(batches))
     if warmup_steps:
-        params = adam_train(graphdef, params, batches, num_steps=warmup_steps,
+        params = adam_train(graphdef, params, train_batches, num_steps=warmup_steps,
                             peak_lr=warmup_lr, warmup_steps=warmup_steps)
 
     result = jax.device_get(
@@ -122,7 +125,7 @@ def measure(cfg, *, seeds: Iterable[int], batches, warmup_steps: int = 0,
 
 
 def run(base_cfg, *, schemes, depths, seeds, batches, warmup_steps=0, warmup_lr=1e-3,
-        log=print) -> list[dict]:
+        train_batches=None, log=print) -> list[dict]:
     """``measure`` for every scheme x depth; the records of all, in that order."""
     records = []
     for scheme in schemes:
@@ -130,7 +133,8 @@ def run(base_cfg, *, schemes, depths, seeds, batches, warmup_steps=0, warmup_lr=
             cfg = schemes_lib.scheme_config(base_cfg, scheme, depth)
             start = time.perf_counter()
             records += measure(cfg, seeds=seeds, batches=batches, warmup_steps=warmup_steps,
-                               warmup_lr=warmup_lr, scheme=scheme)
+                               warmup_lr=warmup_lr, train_batches=train_batches,
+                               scheme=scheme)
             log(f"grad-norms {scheme} L={depth}: {time.perf_counter() - start:.1f}s")
     return records
 
