@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from deepnorm import TransformerConfig
+from deepnorm.config import ConfigError
 from deepnorm.analysis import stability_map
 from deepnorm.analysis.batches import stacked_batches
 from deepnorm.analysis.train_steps import optimizer_config
@@ -56,7 +57,8 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
             "row_seconds"}
     assert [set(c) for c in first] == [keys, keys]
     assert [c["peak_lr"] for c in first] == [1e-3, 1e-2]
-    assert len(list((tmp_path / "cells").glob("*.json"))) == 2
+    cell_files = [p for p in (tmp_path / "cells").glob("*.json") if p.name != "setup.json"]
+    assert len(cell_files) == 2
 
     calls = []
     real = stability_map.run_row
@@ -71,6 +73,11 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     grown = stability_map.run(BASE, out=tmp_path, lrs=[1e-3, 1e-2, 3e-3], **grid)
     assert calls == [[3e-3]]  # only the new cell trained
     assert grown[:2] == first
+    # Cells of another setup (here: more steps) are never mixed in: one-line error.
+    with pytest.raises(ConfigError, match=r"holds cells of another setup \(differs in "
+                                          r"num_steps\); give a new output directory"):
+        stability_map.run(BASE, out=tmp_path, lrs=[1e-3], **dict(grid, num_steps=4))
+    assert calls == [[3e-3]]
 
 
 def test_divergence_is_a_nonfinite_or_too_large_loss(tmp_path):

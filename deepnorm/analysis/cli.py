@@ -161,7 +161,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     from deepnorm.analysis import commands  # imports jax; after the cheap checks
 
-    records = commands.run(command, values, base, config, out)
+    try:
+        records = commands.run(command, values, base, config, out)
+    except ConfigError as error:  # e.g. a stability map's cells of another setup in ``out``
+        return _fail(str(error))
     elapsed = time.perf_counter() - start
     (out / f"{command}.json").write_text(json.dumps(records, indent=0))
     meta = {"command": " ".join([PROG] + argv), "seconds": round(elapsed, 1),

@@ -179,6 +179,25 @@ def read_cell(cells_dir: pathlib.Path, key: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _check_setup(cells_dir: pathlib.Path, setup: dict) -> None:
+    """Cell files are named by scheme, depth, warmup, rate and seed only; everything else they
+    depend on is ``setup``, written once to ``cells/setup.json``. A rerun with another setup
+    in the same directory fails instead of mixing cells of two experiments."""
+    from deepnorm.config import ConfigError
+
+    setup = json.loads(json.dumps(setup, default=str))  # the form it takes on disk
+    path = cells_dir / "setup.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != setup:
+            diff = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k))
+            raise ConfigError(f"{cells_dir} holds cells of another setup (differs in "
+                              f"{', '.join(diff)}); give a new output directory")
+        return
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(setup, indent=1))
+
+
 def run(base_cfg, *, out, schemes, depths, lrs, warmups, num_steps, batch_size, seq_len,
         seeds=(0,), opt_config=None, data_config=None, max_loss=DEFAULT_MAX_LOSS, workers=1,
         log=print) -> list[dict]:
@@ -186,13 +205,13 @@ def run(base_cfg, *, out, schemes, depths, lrs, warmups, num_steps, batch_size, 
 
     ``opt_config`` / ``data_config``: the ``optimizer`` and ``data`` blocks (``run_row``)."""
     cells_dir = pathlib.Path(out) / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
     # Plain dicts: they travel to spawned worker processes.
     kwargs = dict(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
                   max_loss=float(max_loss),
                   opt_config=None if opt_config is None else opt_config.to_dict(),
                   data_config=None if data_config is None else data_config.to_dict())
+    _check_setup(cells_dir, dict(kwargs, base_model=dataclasses.asdict(base_cfg)))
     jobs = []
     for scheme in schemes:
         for depth in depths:
