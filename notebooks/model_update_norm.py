@@ -39,7 +39,7 @@ import numpy as np
 from IPython.display import display
 
 from deepnorm import TransformerConfig
-from deepnorm.analysis import first, plotting, stacked_batches, update_norms
+from deepnorm.analysis import first, optimizer_config, plotting, stacked_batches, update_norms
 
 QUICK = os.environ.get("DEEPNORM_QUICK") == "1"
 
@@ -66,7 +66,7 @@ PROBE = first(stacked_batches(None, arch=BASE.arch, num_batches=1, split="valida
 start = time.perf_counter()
 records = update_norms.run(BASE, schemes=["post", "pre", "deepnorm"], depths=DEPTHS,
                            seeds=SEEDS, batches=BATCHES, probe=PROBE, num_steps=STEPS,
-                           peak_lr=5e-4)
+                           opt_config=optimizer_config(5e-4))
 print(f"{time.perf_counter() - start:.0f}s")
 save(plotting.plot_update_norms(records), "update_norms.png")
 

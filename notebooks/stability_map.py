@@ -58,7 +58,7 @@ OUT = tempfile.mkdtemp(prefix="stability_map_")
 
 # %%
 start = time.perf_counter()
-cells = stability_map.run(BASE, None, out=OUT, **GRID)
+cells = stability_map.run(BASE, out=OUT, **GRID)
 print(f"{time.perf_counter() - start:.0f}s for {len(cells)} cells")
 fig = plotting.plot_stability_map(cells)
 if not QUICK:
@@ -71,7 +71,7 @@ plt.close(fig)
 
 # %%
 start = time.perf_counter()
-again = stability_map.run(BASE, None, out=OUT, **GRID)
+again = stability_map.run(BASE, out=OUT, **GRID)
 print(f"rerun: {time.perf_counter() - start:.1f}s, identical: {again == cells}")
 
 # %%

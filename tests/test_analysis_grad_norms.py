@@ -11,7 +11,11 @@ from deepnorm import Transformer, TransformerConfig
 from deepnorm.analysis import grad_norms
 from deepnorm.analysis.batches import stacked_batches
 from deepnorm.analysis.params import init_params
+from deepnorm.analysis.train_steps import optimizer_config
 from deepnorm.training.loss import loss_fn
+from deepnorm.training.optim import make_optimizer
+from deepnorm.training.state import TrainState
+from deepnorm.training.steps import make_train_step
 
 TINY = dict(d_model=32, num_heads=2, d_ff=64, remat_policy="none")
 ENC_DEC = TransformerConfig(arch="encoder_decoder", num_encoder_layers=2, num_decoder_layers=2,
@@ -80,16 +84,41 @@ def test_records_schema_encoder_decoder(enc_dec_batches):
     assert len(records) == 2 * (2 * 6 + 2 * 10)
 
 
-def test_records_schema_decoder_only_has_no_stack_and_warmup_changes_them():
+def test_records_schema_decoder_only_has_no_stack():
     batches = stacked_batches(None, arch="decoder", num_batches=2, batch_size=4, seq_len=16)
     at_init = grad_norms.measure(DECODER, seeds=[0], batches=batches)
     assert all("stack" not in r for r in at_init)
     assert sorted({r["layer"] for r in at_init}) == [1, 2, 3]
-    trained = grad_norms.measure(DECODER, seeds=[0], batches=batches, warmup_steps=3,
-                                 warmup_lr=1e-3)
-    a = grad_norms.by_layer(at_init, "pre", 3)
-    b = grad_norms.by_layer(trained, "pre", 3)
-    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_after_training_it_is_the_training_steps_model_measured():
+    """train_steps > 0: each seed takes the training package's train step (make_optimizer's
+    AdamW, linear warmup) on the training batches, then the expected gradient is taken on
+    the measured ones; checked against that done by hand, one jitted step at a time."""
+    cfg = TransformerConfig(arch="decoder", num_layers=2, residual="post", **TINY)
+    measured = stacked_batches(None, arch="decoder", num_batches=2, batch_size=2, seq_len=8)
+    train = stacked_batches(None, arch="decoder", num_batches=2, batch_size=2, seq_len=8,
+                            seed=5)
+    opt = optimizer_config(3e-3, warmup_steps=2)
+    records = grad_norms.measure(cfg, seeds=[0, 1], batches=measured, train_steps=3,
+                                 opt_config=opt, train_batches=train)
+    graphdef, params_S = init_params(cfg, [0, 1])
+    tx, _ = make_optimizer(opt, 3)
+    step = jax.jit(make_train_step(graphdef, tx, diagnostics=False))
+    for s in (0, 1):
+        params = jax.tree.map(lambda p: p[s], params_S)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+        for t in range(3):  # cycling through the 2 training batches
+            state, _ = step(state, {k: jnp.asarray(v[t % 2]) for k, v in train.items()})
+        grads = grad_norms.expected_gradient(graphdef, state.params,
+                                             jax.tree.map(jnp.asarray, measured))
+        want = np.asarray(grad_norms.per_layer_group_norms(grads)[("decoder", "ffn_out")])
+        got = [r["expected_grad_norm"] for r in records
+               if r["seed"] == s and r["param"] == "ffn_out"]
+        np.testing.assert_allclose(got, want, rtol=2e-3)
+    with pytest.raises(ValueError, match="held out"):
+        grad_norms.measure(cfg, seeds=[0], batches=measured, train_steps=1, opt_config=opt)
 
 
 # --- The paper's claims ------------------------------------------------------------------

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import config_dict
 
 from deepnorm import TransformerConfig
+from deepnorm.config import ConfigError
 from deepnorm.analysis import stability_map
 from deepnorm.analysis.batches import stacked_batches
+from deepnorm.analysis.train_steps import optimizer_config
 from deepnorm.training.optim import make_optimizer
 from deepnorm.training.state import create_train_state
 from deepnorm.training.steps import make_eval_step, make_train_step
@@ -21,11 +22,10 @@ SIZES = dict(num_steps=3, batch_size=2, seq_len=8)
 
 def test_a_learning_rate_lane_equals_its_own_optimizer():
     row = stability_map.Row("deepnorm", 2, warmup_steps=2)
-    lanes = stability_map.run_row(BASE, None, row, [1e-3, 3e-2], [0], **SIZES)
+    lanes = stability_map.run_row(BASE, row, [1e-3, 3e-2], [0], **SIZES)
     # The same cell trained the plain way: make_optimizer at lr 3e-2, one step at a time.
     cfg = TransformerConfig(**{**BASE.__dict__, "residual": "deepnorm", "num_layers": 2})
-    opt = config_dict.ConfigDict(dict(stability_map.DEFAULT_OPTIMIZER, learning_rate=3e-2,
-                                      warmup_steps=2))
+    opt = optimizer_config(learning_rate=3e-2, warmup_steps=2)
     tx, _ = make_optimizer(opt, SIZES["num_steps"])
     graphdef, state = create_train_state(cfg, tx, 0)
     step = jax.jit(make_train_step(graphdef, tx, diagnostics=False))
@@ -51,34 +51,39 @@ def test_a_learning_rate_lane_equals_its_own_optimizer():
 def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     grid = dict(schemes=["pre"], depths=[1], warmups=[0], seeds=[0], log=lambda _: None,
                 **SIZES)
-    first = stability_map.run(BASE, None, out=tmp_path, lrs=[1e-3, 1e-2], **grid)
+    first = stability_map.run(BASE, out=tmp_path, lrs=[1e-3, 1e-2], **grid)
     keys = {"residual", "num_layers", "warmup_steps", "peak_lr", "seed", "num_steps",
             "diverged", "diverged_at_step", "final_loss", "final_train_loss", "initial_loss",
             "row_seconds"}
     assert [set(c) for c in first] == [keys, keys]
     assert [c["peak_lr"] for c in first] == [1e-3, 1e-2]
-    assert len(list((tmp_path / "cells").glob("*.json"))) == 2
+    cell_files = [p for p in (tmp_path / "cells").glob("*.json") if p.name != "setup.json"]
+    assert len(cell_files) == 2
 
     calls = []
     real = stability_map.run_row
 
-    def counting(base, config, row, lrs, seeds, **kw):
+    def counting(base, row, lrs, seeds, **kw):
         calls.append(list(lrs))
-        return real(base, config, row, lrs, seeds, **kw)
+        return real(base, row, lrs, seeds, **kw)
 
     monkeypatch.setattr(stability_map, "run_row", counting)
-    again = stability_map.run(BASE, None, out=tmp_path, lrs=[1e-3, 1e-2], **grid)
+    again = stability_map.run(BASE, out=tmp_path, lrs=[1e-3, 1e-2], **grid)
     assert calls == [] and again == first
-    grown = stability_map.run(BASE, None, out=tmp_path, lrs=[1e-3, 1e-2, 3e-3], **grid)
+    grown = stability_map.run(BASE, out=tmp_path, lrs=[1e-3, 1e-2, 3e-3], **grid)
     assert calls == [[3e-3]]  # only the new cell trained
     assert grown[:2] == first
+    # Cells of another setup (here: more steps) are never mixed in: one-line error.
+    with pytest.raises(ConfigError, match=r"holds cells of another setup \(differs in "
+                                          r"num_steps\); give a new output directory"):
+        stability_map.run(BASE, out=tmp_path, lrs=[1e-3], **dict(grid, num_steps=4))
+    assert calls == [[3e-3]]
 
 
 def test_divergence_is_a_nonfinite_or_too_large_loss(tmp_path):
     # A Post-LN model at lr 1 (no warmup) reaches a loss of ~25 in 3 steps, finite but
-    # exploding; with train.max_loss=20 that counts as diverged, as in the training loop.
-    config = config_dict.ConfigDict({"train": {"max_loss": 20.0}})
-    cells = stability_map.run(BASE, config, out=tmp_path, schemes=["post"], depths=[1],
+    # exploding; with max_loss=20 that counts as diverged, as in the training loop.
+    cells = stability_map.run(BASE, max_loss=20.0, out=tmp_path, schemes=["post"], depths=[1],
                               warmups=[0], lrs=[1e-3, 1.0], seeds=[0], log=lambda _: None,
                               **SIZES)
     calm, wild = cells

@@ -12,6 +12,7 @@ from deepnorm import TransformerConfig
 from deepnorm.analysis import update_norms
 from deepnorm.analysis.batches import first, stacked_batches
 from deepnorm.analysis.params import init_params
+from deepnorm.analysis.train_steps import optimizer_config
 from deepnorm.training.loss import loss_fn, model_forward
 
 TINY = dict(d_model=32, num_heads=2, d_ff=64, remat_policy="none")
@@ -34,7 +35,7 @@ def test_update_norm_after_one_step_matches_a_hand_made_adam_step():
     probe = first(stacked_batches(None, arch="decoder", num_batches=1, batch_size=2,
                                   seq_len=16, split="validation"))
     records = update_norms.measure(cfg, seeds=[3], batches=batches, probe=probe, num_steps=2,
-                                   peak_lr=1e-3)
+                                   opt_config=optimizer_config(1e-3))
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[0]["update_norm"] == 0.0
     assert all(set(r) == {"residual", "num_layers", "seed", "step", "update_norm"}
@@ -64,7 +65,8 @@ def test_deepnorm_update_stays_well_below_post_ln_at_depth():
     probe = first(stacked_batches(None, arch=base.arch, num_batches=1, batch_size=4,
                                   seq_len=16, split="validation"))
     records = update_norms.run(base, schemes=["post", "deepnorm"], depths=[8], seeds=[0, 1],
-                               batches=batches, probe=probe, num_steps=3, peak_lr=5e-4,
+                               batches=batches, probe=probe, num_steps=3,
+                               opt_config=optimizer_config(5e-4),
                                log=lambda _: None)
 
     def curve(scheme):

@@ -141,3 +141,17 @@ def test_cli_missing_corpus_exits_2(tmp_path):
                       f"--workdir={tmp_path / 'run'}")
     assert_exit_2(result, "matches no files")
     assert not (tmp_path / "run").exists()
+
+
+def test_analysis_cli_bad_value_exits_2(tmp_path):
+    """The analysis CLI reads configs as train.py does and fails the same way."""
+    out = tmp_path / "analysis"
+    result = subprocess.run(
+        [sys.executable, "-m", "deepnorm.analysis", "grad-norms", f"--config.analysis.out={out}",
+         "--config.analysis.depths=6,0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "python -m deepnorm.analysis: error: analysis.depths='6,0': every value must be a "
+        "positive integer")
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

@@ -5,13 +5,14 @@
 ``stability_map``  final loss or divergence over scheme x depth x learning rate x warmup
 ``plotting``       their figures, one fixed colour per residual scheme
 
-The same functions back the CLI (``python -m deepnorm.analysis COMMAND --out=DIR``) and the
-notebooks in notebooks/.
+The same functions back the CLI (``python -m deepnorm.analysis COMMAND``, configs in
+configs/analysis/) and the notebooks in notebooks/.
 """
 
 from deepnorm.analysis import grad_norms, plotting, stability_map, update_norms
 from deepnorm.analysis.batches import first, stacked_batches
 from deepnorm.analysis.schemes import SCHEMES, scheme_config
+from deepnorm.analysis.train_steps import optimizer_config
 
-__all__ = ["SCHEMES", "first", "grad_norms", "plotting", "scheme_config", "stability_map",
-           "stacked_batches", "update_norms"]
+__all__ = ["SCHEMES", "first", "grad_norms", "optimizer_config", "plotting", "scheme_config",
+           "stability_map", "stacked_batches", "update_norms"]

@@ -1,4 +1,4 @@
-"""``python -m deepnorm.analysis COMMAND --out=DIR``; see deepnorm/analysis/cli.py."""
+"""``python -m deepnorm.analysis COMMAND [--config=...] [--config.KEY=VALUE]``; see cli.py."""
 
 import sys
 

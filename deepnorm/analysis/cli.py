@@ -1,20 +1,25 @@
-"""``python -m deepnorm.analysis COMMAND --out=DIR [--config=configs/X.py] [flags]``.
+"""``python -m deepnorm.analysis COMMAND [--config=FILE[:EXPERIMENT]] [--config.KEY=VALUE ...]``.
 
-Commands (each writes DIR/<command>.json, DIR/<command>.png and DIR/<command>.meta.json):
+Commands (each writes OUT/<command>.json, OUT/<command>.png and OUT/<command>.meta.json):
 
 ``grad-norms``     Xiong et al. 2020 Fig. 3: expected gradient norm per layer at init.
 ``update-norms``   DeepNet Fig. 4-5: ||F(x, theta_t) - F(x, theta_0)|| over early training.
-``stability-map``  residual x depth x peak lr (x warmup): final loss or divergence.
+``stability-map``  residual x depth x peak lr x warmup: final loss or divergence.
 
-``--config`` loads the same ``configs/*.py`` file train.py takes, and ``--config.KEY=VALUE``
-overrides a field, e.g. ``--config.model.d_model=128``. Without ``--config`` each command uses
-its paper's setup scaled to a CPU (see DEFAULT_MODELS). ``--residuals`` and ``--depths`` then
-vary the model's residual scheme and layers per stack (L-L for an encoder-decoder).
+Configs are read as train.py reads them (absl + ``ml_collections.config_flags``): the default
+``--config`` is configs/analysis/<command>.py, whose ``analysis`` block holds the command's
+settings (output directory, schemes, depths, seeds, steps, ...; each commented there) next to
+the ``model``, ``optimizer`` and ``data`` blocks of training. ``:EXPERIMENT`` measures a
+training experiment's model instead (configs/analysis/common.py). For example
+
+    python -m deepnorm.analysis grad-norms --config.analysis.out=runs/xiong \\
+        --config.analysis.depths=6,12 --config.model.d_model=64
+
+A bad flag or value exits with code 2 and one line naming it and what is allowed.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -22,223 +27,152 @@ import platform
 import sys
 import time
 
+from absl import flags
+from ml_collections import config_flags
+
 from deepnorm.analysis import schemes as schemes_lib
-from deepnorm.analysis.config_file import ConfigFileError, apply_override, load_config
+from deepnorm.analysis import settings as settings_lib
 from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.training.platform import resolve_model_config
 
 COMMANDS = ("grad-norms", "update-norms", "stability-map")
-
-# Each command's model when no --config is given: the paper's shape, shrunk to fit a CPU.
-DEFAULT_MODELS = {
-    # Xiong et al. 2020 used a 6-6 encoder-decoder, d=512, FFN 1024, 4 heads; a quarter width.
-    "grad-norms": dict(arch="encoder_decoder", num_encoder_layers=6, num_decoder_layers=6,
-                       d_model=128, d_ff=256, num_heads=4, remat_policy="none"),
-    # DeepNet Fig. 5's tiny 64-128-2 encoder-decoders, as in the paper.
-    "update-norms": dict(arch="encoder_decoder", num_encoder_layers=6, num_decoder_layers=6,
-                         d_model=64, d_ff=128, num_heads=2, remat_policy="none"),
-    # Decoder-only 64-128-2: the cheapest model whose divergence behaviour depends on depth.
-    "stability-map": dict(arch="decoder", num_layers=6, d_model=64, d_ff=128, num_heads=2,
-                          remat_policy="none"),
-}
-DEFAULTS = {
-    "grad-norms": dict(residuals="post,pre,deepnorm", depths="6", seeds=3, batches=16,
-                       batch_size=16, seq_len=64, lr=1e-3),
-    "update-norms": dict(residuals="post,pre,deepnorm", depths="6,12,24,48", seeds=2,
-                         batches=4, batch_size=8, seq_len=32, lr=5e-4, steps=20),
-    "stability-map": dict(residuals="post,pre,deepnorm", depths="6,18", seeds=1, batches=0,
-                          batch_size=8, seq_len=32, lrs="3e-4,1e-3,3e-3,1e-2",
-                          warmups="0,50", steps=150),
-}
+PROG = "python -m deepnorm.analysis"
+REPO = pathlib.Path(__file__).resolve().parents[2]  # holds configs/ (an editable install)
+EXIT_BAD_INPUT = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage dump): 'error: <what and what's allowed>'."""
-
-    def error(self, message):
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2)
+class BadInput(Exception):
+    """A flag, config file or value that cannot be used; the message is the one line shown."""
 
 
-def _int_list(flag):
-    def parse(text):
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a comma-separated list of positive integers") from None
-        if not values or any(v < 1 for v in values):
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: every value must be a positive integer")
-        return values
-    parse.__name__ = flag
-    return parse
+def default_config_path(command: str) -> pathlib.Path:
+    return REPO / "configs" / "analysis" / f"{command.replace('-', '_')}.py"
 
 
-def _float_list(text):
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
-    return values
+def _one_line(err: BaseException) -> str:
+    while err.args and isinstance(err.args[0], BaseException):  # config_flags wraps errors
+        err = err.args[0]
+    lines = [line.strip() for line in str(err.args[0] if err.args else err).splitlines()
+             if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # an error inside get_config
+        lines = lines[-1:]
+    return ". ".join(lines) or type(err).__name__
 
 
-def _schemes(text):
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    for name in names:
-        if name not in schemes_lib.PRESETS:
-            raise argparse.ArgumentTypeError(
-                f"{name!r} is not one of {', '.join(schemes_lib.SCHEMES)}")
-    if not names:
-        raise argparse.ArgumentTypeError("give at least one scheme")
-    return names
+def load(argv: list[str]):
+    """(command, locked ConfigDict) from ``argv`` (without the program name); raises BadInput.
 
-
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
-
-
-def _non_negative(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m deepnorm.analysis",
-                     description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    helps = {"grad-norms": "expected gradient norm per layer (Xiong et al. 2020, Fig. 3)",
-             "update-norms": "model update norm in early training (DeepNet, Fig. 4-5)",
-             "stability-map": "final loss or divergence over scheme x depth x lr x warmup"}
-    for command in COMMANDS:
-        d = DEFAULTS[command]
-        p = sub.add_parser(command, help=helps[command], description=helps[command])
-        p.add_argument("--out", required=True, help="output directory")
-        p.add_argument("--config", help="configs/*.py with get_config(); default: the "
-                       "command's paper setup scaled to a CPU")
-        p.add_argument("--residuals", type=_schemes, default=_schemes(d["residuals"]),
-                       help=f"comma-separated schemes from {', '.join(schemes_lib.SCHEMES)} "
-                       f"(default {d['residuals']})")
-        p.add_argument("--depths", type=_int_list("depths"), default=None,
-                       help="layers per stack, L-L for encoder_decoder (default: the "
-                       f"config's depth, or {d['depths']} without --config)")
-        p.add_argument("--seeds", type=_positive, default=d["seeds"],
-                       help=f"number of seeds 0..n-1 (default {d['seeds']})")
-        p.add_argument("--batch-size", type=_positive, default=d["batch_size"])
-        p.add_argument("--seq-len", type=_positive, default=d["seq_len"])
-        if command == "grad-norms":
-            p.add_argument("--batches", type=_positive, default=d["batches"],
-                           help="mini-batches averaged into the expected gradient")
-            p.add_argument("--warmup-steps", type=_non_negative, default=0,
-                           help="Adam steps (linear warmup to --lr) before measuring")
-            p.add_argument("--lr", type=_positive_float, default=d["lr"])
-        elif command == "update-norms":
-            p.add_argument("--batches", type=_positive, default=d["batches"],
-                           help="distinct training batches, cycled")
-            p.add_argument("--steps", type=_positive, default=d["steps"])
-            p.add_argument("--lr", type=_positive_float, default=d["lr"], help="Adam peak lr")
-            p.add_argument("--warmup-steps", type=_non_negative, default=0)
-        else:
-            p.add_argument("--lrs", type=_float_list, default=_float_list(d["lrs"]),
-                           help=f"peak learning rates (default {d['lrs']})")
-            p.add_argument("--warmups", type=_warmup_list, default=_warmup_list(d["warmups"]),
-                           help=f"warmup steps (default {d['warmups']})")
-            p.add_argument("--steps", type=_positive, default=d["steps"])
-            p.add_argument("--workers", type=_positive, default=1,
-                           help="cells trained side by side, one process each")
-    return parser
-
-
-def _warmup_list(text):
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: warmups must be 0 or more")
-    return values
-
-
-def resolve_config(command: str, config_path: str | None, overrides: list[str]):
-    """(full ConfigDict or None, base TransformerConfig) from --config and --config.* flags."""
-    if config_path is None:
-        if overrides:
-            raise ConfigFileError(f"{overrides[0]!r} needs --config=FILE to override")
-        return None, TransformerConfig(**DEFAULT_MODELS[command])
-    config = load_config(config_path)
-    for assignment in overrides:
-        apply_override(config, assignment)
-    # As train.py runs it: the platform's choice for "auto" (deepnorm.training.platform).
-    return config, resolve_model_config(TransformerConfig.from_mapping(config.model.to_dict()))
-
-
-def _split_overrides(argv):
-    """Separates ``--config.KEY=VALUE`` from the flags argparse knows."""
-    rest, overrides = [], []
+    Each call parses into its own ``FlagValues``, so it can run several times in one process.
+    """
+    positional = [a for a in argv if not a.startswith("-")]
+    if not positional or positional[0] not in COMMANDS:
+        got = f"{positional[0]!r} is not a command" if positional else "no command given"
+        raise BadInput(f"{got}; COMMAND is one of {', '.join(COMMANDS)}")
+    command = positional[0]
+    if str(REPO) not in sys.path:  # configs/*.py import their base as ``from configs import``
+        sys.path.insert(0, str(REPO))
     for arg in argv:
-        if arg.startswith("--config."):
-            overrides.append(arg[len("--config."):])
-        else:
-            rest.append(arg)
-    return rest, overrides
+        if arg.startswith("--config="):
+            file = arg[len("--config="):].split(":", 1)[0]
+            if not pathlib.Path(file).is_file():
+                raise BadInput(f"--config={file!r} is not a file")
+    flag_values = flags.FlagValues()
+    full_argv = [PROG, *argv]
+    try:
+        # The default file is parsed (its overrides applied) as the flag is defined.
+        holder = config_flags.DEFINE_config_file(
+            "config", str(default_config_path(command)),
+            "analysis config (configs/analysis/*.py), optionally with ':EXPERIMENT'",
+            flag_values=flag_values, lock_config=True, sys_argv=full_argv)
+        rest = flag_values(full_argv)
+    except (AttributeError, KeyError) as err:  # config_flags: a key the config does not have
+        if _one_line(err).startswith("'analysis'"):
+            raise BadInput(_no_analysis_block(argv, command)) from None
+        raise BadInput(f"unknown config key {_one_line(err)} (all keys: "
+                       f"{default_config_path(command).relative_to(REPO)})") from None
+    except Exception as err:  # noqa: BLE001 - flags and config_flags raise several kinds
+        hint = ""
+        if isinstance(err, flags.UnrecognizedFlagError):
+            hint = (f"; settings are --config.analysis.KEY=VALUE (all keys: "
+                    f"{default_config_path(command).relative_to(REPO)})")
+        raise BadInput(_one_line(err) + hint) from None
+    if rest[1:] != [command]:
+        raise BadInput(f"unexpected arguments {rest[2:]}; settings look like "
+                       "--config.analysis.depths=6,12")
+    try:
+        config = holder.value
+        usable = config is not None and "analysis" in config and "model" in config
+    except Exception as err:  # noqa: BLE001 - a syntax or import error in the file
+        raise BadInput(f"cannot load the --config file: {_one_line(err)}") from None
+    if not usable:
+        raise BadInput(_no_analysis_block(argv, command))
+    return command, config
+
+
+def _no_analysis_block(argv, command) -> str:
+    given = next((a for a in argv if a.startswith("--config=")), "--config")
+    return (f"{given} has no 'analysis' block; use "
+            f"{default_config_path(command).relative_to(REPO)}[:EXPERIMENT] to measure a "
+            "training experiment")
+
+
+def check(command: str, config) -> tuple[dict, TransformerConfig]:
+    """The checked ``analysis`` settings and the base model; every (scheme, depth) model is
+    validated here, before anything compiles. Raises ConfigError."""
+    values = settings_lib.parse(command, config.analysis)
+    # As train.py runs it: the platform's choice for "auto" (deepnorm.training.platform).
+    base = resolve_model_config(TransformerConfig.from_mapping(config.model.to_dict()))
+    for depth in values["depths"]:
+        for scheme in values["residuals"]:
+            schemes_lib.scheme_config(base, scheme, depth)
+    _check_optimizer(command, values, config.optimizer)
+    return values, base
+
+
+def _check_optimizer(command: str, values: dict, opt_config) -> None:
+    """Builds the optimizer each run will build, so a bad ``optimizer.*`` fails here."""
+    from ml_collections import config_dict
+
+    from deepnorm.training.optim import make_optimizer
+
+    if command == "stability-map":  # every cell sets its own rate and warmup
+        for warmup in values["warmups"]:
+            make_optimizer(config_dict.ConfigDict(dict(
+                opt_config.to_dict(), learning_rate=1.0, warmup_steps=warmup)), values["steps"])
+    elif command == "update-norms" or values["train_steps"]:
+        make_optimizer(opt_config, values.get("steps") or values["train_steps"])
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest, overrides = _split_overrides(argv)
-    parser = build_parser()
-    args = parser.parse_args(rest)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
     try:
-        config, base = resolve_config(args.command, args.config, overrides)
-        if args.depths is None:
-            args.depths = (_int_list("depths")(DEFAULTS[args.command]["depths"])
-                           if config is None else [schemes_lib.depth_of(base)])
-        for depth in args.depths:  # validate every model before any compilation
-            for scheme in args.residuals:
-                schemes_lib.scheme_config(base, scheme, depth)
-    except (ConfigFileError, ConfigError) as error:
-        parser.error(str(error))
-    out = pathlib.Path(args.out)
+        command, config = load(argv)
+        values, base = check(command, config)
+    except (BadInput, ConfigError) as error:
+        return _fail(str(error))
+    out = pathlib.Path(values["out"])
     out.mkdir(parents=True, exist_ok=True)
-    data_config = None if config is None else config.get("data")
     start = time.perf_counter()
-    from deepnorm.analysis import commands  # imports jax; after the cheap argument checks
+    from deepnorm.analysis import commands  # imports jax; after the cheap checks
 
-    records = commands.run(args.command, args, base, data_config, config, out)
+    try:
+        records = commands.run(command, values, base, config, out)
+    except ConfigError as error:  # e.g. a stability map's cells of another setup in ``out``
+        return _fail(str(error))
     elapsed = time.perf_counter() - start
-    name = args.command
-    (out / f"{name}.json").write_text(json.dumps(records, indent=0))
-    meta = {"command": " ".join(["python -m deepnorm.analysis"] + argv),
-            "seconds": round(elapsed, 1), "base_model": dataclasses.asdict(base),
-            "args": {k: v for k, v in vars(args).items()}, "machine": platform.machine(),
-            "num_records": len(records)}
-    (out / f"{name}.meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    print(f"{name}: {len(records)} records in {elapsed:.1f}s -> {out / (name + '.json')}, "
-          f"{out / (name + '.png')}")
+    (out / f"{command}.json").write_text(json.dumps(records, indent=0))
+    meta = {"command": " ".join([PROG] + argv), "seconds": round(elapsed, 1),
+            "base_model": dataclasses.asdict(base), "config": config.to_dict(),
+            "machine": platform.machine(), "num_records": len(records)}
+    (out / f"{command}.meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    print(f"{command}: {len(records)} records in {elapsed:.1f}s -> "
+          f"{out / (command + '.json')}, {out / (command + '.png')}")
     return 0

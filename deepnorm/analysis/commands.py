@@ -12,37 +12,52 @@ from deepnorm.analysis import grad_norms, plotting, update_norms  # noqa: E402
 from deepnorm.analysis.batches import first, stacked_batches  # noqa: E402
 
 
-def run(command: str, args, base, data_config, config, out: pathlib.Path) -> list[dict]:
-    """Runs ``command`` and writes its figure to ``out``; returns the JSON records."""
-    seeds = list(range(args.seeds))
+def grad_norm_batches(data_config, *, arch, num_batches, train_steps, batch_size, seq_len):
+    """(measured, training or None): consecutive batches of one stream, the first
+    ``num_batches`` measured and the ``train_steps`` after them (disjoint) trained on."""
+    stream = stacked_batches(data_config, arch=arch, num_batches=num_batches + train_steps,
+                             batch_size=batch_size, seq_len=seq_len)
+    measured = {k: v[:num_batches] for k, v in stream.items()}
+    train = {k: v[num_batches:] for k, v in stream.items()} if train_steps else None
+    return measured, train
+
+
+def run(command: str, s: dict, base, config, out: pathlib.Path) -> list[dict]:
+    """Runs ``command`` with the checked settings ``s`` (deepnorm.analysis.settings) and
+    ``config``'s optimizer and data blocks; writes its figure to ``out``; returns the records."""
+    seeds = list(range(s["seeds"]))
+    data_config = config.data
     if command == "grad-norms":
-        batches = stacked_batches(data_config, arch=base.arch, num_batches=args.batches,
-                                  batch_size=args.batch_size, seq_len=args.seq_len)
-        records = grad_norms.run(base, schemes=args.residuals, depths=args.depths, seeds=seeds,
-                                 batches=batches, warmup_steps=args.warmup_steps,
-                                 warmup_lr=args.lr)
-        plotting.plot_grad_norms(records, out / "grad-norms.png")
+        batches, train = grad_norm_batches(data_config, arch=base.arch,
+                                           num_batches=s["batches"],
+                                           train_steps=s["train_steps"],
+                                           batch_size=s["batch_size"], seq_len=s["seq_len"])
+        records = grad_norms.run(base, schemes=s["residuals"], depths=s["depths"], seeds=seeds,
+                                 batches=batches, train_steps=s["train_steps"],
+                                 opt_config=config.optimizer, train_batches=train)
+        plotting.plot_grad_norms(records, out / "grad-norms.png", params=s["plot_params"])
         return records
     if command == "update-norms":
-        batches = stacked_batches(data_config, arch=base.arch, num_batches=args.batches,
-                                  batch_size=args.batch_size, seq_len=args.seq_len)
+        batches = stacked_batches(data_config, arch=base.arch, num_batches=s["batches"],
+                                  batch_size=s["batch_size"], seq_len=s["seq_len"])
         # The fixed input x comes from the validation split: never trained on.
         probe = first(stacked_batches(data_config, arch=base.arch, num_batches=1,
-                                      batch_size=args.batch_size, seq_len=args.seq_len,
+                                      batch_size=s["batch_size"], seq_len=s["seq_len"],
                                       split="validation"))
-        records = update_norms.run(base, schemes=args.residuals, depths=args.depths,
+        records = update_norms.run(base, schemes=s["residuals"], depths=s["depths"],
                                    seeds=seeds, batches=batches, probe=probe,
-                                   num_steps=args.steps, peak_lr=args.lr,
-                                   warmup_steps=args.warmup_steps)
+                                   num_steps=s["steps"], opt_config=config.optimizer)
         plotting.plot_update_norms(records, out / "update-norms.png")
         return records
     if command == "stability-map":
         from deepnorm.analysis import stability_map
 
-        cells = stability_map.run(base, config, out=out, schemes=args.residuals,
-                                  depths=args.depths, lrs=args.lrs, warmups=args.warmups,
-                                  num_steps=args.steps, batch_size=args.batch_size,
-                                  seq_len=args.seq_len, seeds=seeds, workers=args.workers)
+        cells = stability_map.run(base, out=out, schemes=s["residuals"], depths=s["depths"],
+                                  lrs=s["lrs"], warmups=s["warmups"], num_steps=s["steps"],
+                                  batch_size=s["batch_size"], seq_len=s["seq_len"],
+                                  seeds=seeds, opt_config=config.optimizer,
+                                  data_config=data_config, max_loss=s["max_loss"],
+                                  workers=s["workers"])
         plotting.plot_stability_map(cells, out / "stability-map.png")
         return cells
     raise ValueError(f"unknown command {command!r}")

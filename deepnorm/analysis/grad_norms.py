@@ -27,7 +27,7 @@ from flax import nnx
 from deepnorm.analysis import schemes as schemes_lib
 from deepnorm.analysis.batches import first
 from deepnorm.analysis.params import init_params
-from deepnorm.analysis.train_steps import adam_train
+from deepnorm.analysis.train_steps import train_seeds
 from deepnorm.layerwise import STACKS, path_names
 from deepnorm.training.loss import loss_fn
 
@@ -88,20 +88,24 @@ def _expected_norms(graphdef, params_S, batches):
     return jax.vmap(per_layer_group_norms)(grads)
 
 
-def measure(cfg, *, seeds: Iterable[int], batches, warmup_steps: int = 0,
-            warmup_lr: float = 1e-3, scheme: str | None = None) -> list[dict]:
+def measure(cfg, *, seeds: Iterable[int], batches, train_steps: int = 0, opt_config=None,
+            train_batches=None, scheme: str | None = None) -> list[dict]:
     """Records of the expected gradient norm per (seed, layer, group) for one model config.
 
     ``batches`` is a stacked set {key: [K, B, ...]}; the same batches serve every seed, so the
-    spread over seeds is the spread over initializations. With ``warmup_steps`` > 0 each seed
-    first takes that many Adam steps (linear warmup to ``warmup_lr``) on the same batches,
-    cycling through them, and the gradient is measured after.
+    spread over seeds is the spread over initializations. With ``train_steps`` > 0 each seed
+    first takes that many steps of the training package's train step with ``opt_config``'s
+    optimizer on ``train_batches`` (cycled), which must be held out from ``batches``: training
+    on the measured batches would shrink exactly the gradient being measured.
     """
     seeds = list(seeds)
     graphdef, params = init_params(cfg, seeds, first(batches))
-    if warmup_steps:
-        params = adam_train(graphdef, params, batches, num_steps=warmup_steps,
-                            peak_lr=warmup_lr, warmup_steps=warmup_steps)
+    if train_steps:
+        if train_batches is None or opt_config is None:
+            raise ValueError("train_steps > 0 needs opt_config and train_batches (held out "
+                             "from the measured batches)")
+        params, _ = train_seeds(graphdef, params, seeds, train_batches, opt_config,
+                                num_steps=train_steps)
 
     result = jax.device_get(
         _expected_norms(graphdef, params, jax.tree.map(jnp.asarray, batches)))
@@ -121,16 +125,17 @@ def measure(cfg, *, seeds: Iterable[int], batches, warmup_steps: int = 0,
     return records
 
 
-def run(base_cfg, *, schemes, depths, seeds, batches, warmup_steps=0, warmup_lr=1e-3,
-        log=print) -> list[dict]:
+def run(base_cfg, *, schemes, depths, seeds, batches, train_steps=0, opt_config=None,
+        train_batches=None, log=print) -> list[dict]:
     """``measure`` for every scheme x depth; the records of all, in that order."""
     records = []
     for scheme in schemes:
         for depth in depths:
             cfg = schemes_lib.scheme_config(base_cfg, scheme, depth)
             start = time.perf_counter()
-            records += measure(cfg, seeds=seeds, batches=batches, warmup_steps=warmup_steps,
-                               warmup_lr=warmup_lr, scheme=scheme)
+            records += measure(cfg, seeds=seeds, batches=batches, train_steps=train_steps,
+                               opt_config=opt_config, train_batches=train_batches,
+                               scheme=scheme)
             log(f"grad-norms {scheme} L={depth}: {time.perf_counter() - start:.1f}s")
     return records
 

@@ -32,12 +32,7 @@ from ml_collections import config_dict
 
 from deepnorm.analysis import schemes as schemes_lib
 
-# Without --config: AdamW as in DeepNet (betas 0.9, 0.98), linear warmup then a constant rate,
-# so every step after warmup runs at the cell's peak learning rate.
-DEFAULT_OPTIMIZER = dict(learning_rate=1.0, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
-                         warmup_steps=0, schedule="constant", grad_clip_norm=0.0,
-                         label_smoothing=0.0)
-DEFAULT_MAX_LOSS = 100.0
+DEFAULT_MAX_LOSS = 100.0  # train.max_loss's default: a finite loss above it is divergence
 EVAL_BATCHES = 4
 
 
@@ -55,15 +50,11 @@ def cell_key(scheme, depth, warmup_steps, peak_lr, seed) -> str:
     return f"{scheme}_L{depth}_w{warmup_steps}_lr{peak_lr:.3g}_s{seed}"
 
 
-def _optimizer_config(config):
-    base = dict(DEFAULT_OPTIMIZER)
-    if config is not None and "optimizer" in config:
-        base.update(config.optimizer.to_dict())
-    return config_dict.ConfigDict(base)
-
-
 def lane_optimizer(opt_config, warmup_steps: int, num_steps: int):
     """``make_optimizer`` at learning rate 1 chained with a per-lane ``scale(lr)``.
+
+    ``opt_config`` is an ``optimizer`` block; its ``learning_rate`` and ``warmup_steps`` (if
+    any) are replaced by 1 and the row's ``warmup_steps``.
 
     Returns (tx, set_lr): ``set_lr(opt_state, lr)`` writes a lane's peak learning rate into its
     optimizer state (the injected scale's hyperparameter).
@@ -86,9 +77,12 @@ def lane_optimizer(opt_config, warmup_steps: int, num_steps: int):
     return tx, set_lr
 
 
-def run_row(base_cfg, config, row: Row, lrs, seeds, *, num_steps, batch_size, seq_len,
-            max_loss=DEFAULT_MAX_LOSS) -> list[dict]:
-    """Trains every (lr, seed) lane of ``row`` at once; returns one result per lane."""
+def run_row(base_cfg, row: Row, lrs, seeds, *, num_steps, batch_size, seq_len,
+            opt_config=None, data_config=None, max_loss=DEFAULT_MAX_LOSS) -> list[dict]:
+    """Trains every (lr, seed) lane of ``row`` at once; returns one result per lane.
+
+    ``opt_config``: the ``optimizer`` block (default: ``train_steps.optimizer_config``);
+    ``data_config``: the ``data`` block (default: the embedded corpus)."""
     import jax
     import jax.numpy as jnp
 
@@ -96,9 +90,11 @@ def run_row(base_cfg, config, row: Row, lrs, seeds, *, num_steps, batch_size, se
     from deepnorm.training.state import create_train_state
     from deepnorm.training.steps import make_eval_step, make_train_step
 
+    from deepnorm.analysis.train_steps import optimizer_config
+
     cfg = schemes_lib.scheme_config(base_cfg, row.scheme, row.depth)
-    opt_config = _optimizer_config(config)
-    data_config = None if config is None else config.get("data")
+    if opt_config is None:
+        opt_config = optimizer_config(learning_rate=1.0)
     tx, set_lr = lane_optimizer(opt_config, row.warmup_steps, num_steps)
     train = stacked_batches(data_config, arch=cfg.arch, num_batches=num_steps,
                             batch_size=batch_size, seq_len=seq_len, seed=0)
@@ -160,9 +156,10 @@ def run_row(base_cfg, config, row: Row, lrs, seeds, *, num_steps, batch_size, se
 
 def _row_worker(args):
     """Entry point of a worker process: one row, written cell by cell."""
-    base_cfg, config_dict_, row, lrs, seeds, kwargs, cells_dir = args
-    config = None if config_dict_ is None else config_dict.ConfigDict(config_dict_)
-    results = run_row(base_cfg, config, row, lrs, seeds, **kwargs)
+    base_cfg, row, lrs, seeds, kwargs, cells_dir = args
+    kwargs = {k: config_dict.ConfigDict(v) if isinstance(v, dict) else v
+              for k, v in kwargs.items()}
+    results = run_row(base_cfg, row, lrs, seeds, **kwargs)
     for r in results:
         write_cell(cells_dir, r)
     return results
@@ -182,17 +179,39 @@ def read_cell(cells_dir: pathlib.Path, key: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run(base_cfg, config, *, out, schemes, depths, lrs, warmups, num_steps, batch_size,
-        seq_len, seeds=(0,), workers=1, log=print) -> list[dict]:
-    """Every cell of schemes x depths x warmups x lrs x seeds, computing only missing ones."""
-    cells_dir = pathlib.Path(out) / "cells"
+def _check_setup(cells_dir: pathlib.Path, setup: dict) -> None:
+    """Cell files are named by scheme, depth, warmup, rate and seed only; everything else they
+    depend on is ``setup``, written once to ``cells/setup.json``. A rerun with another setup
+    in the same directory fails instead of mixing cells of two experiments."""
+    from deepnorm.config import ConfigError
+
+    setup = json.loads(json.dumps(setup, default=str))  # the form it takes on disk
+    path = cells_dir / "setup.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != setup:
+            diff = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k))
+            raise ConfigError(f"{cells_dir} holds cells of another setup (differs in "
+                              f"{', '.join(diff)}); give a new output directory")
+        return
     cells_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(setup, indent=1))
+
+
+def run(base_cfg, *, out, schemes, depths, lrs, warmups, num_steps, batch_size, seq_len,
+        seeds=(0,), opt_config=None, data_config=None, max_loss=DEFAULT_MAX_LOSS, workers=1,
+        log=print) -> list[dict]:
+    """Every cell of schemes x depths x warmups x lrs x seeds, computing only missing ones.
+
+    ``opt_config`` / ``data_config``: the ``optimizer`` and ``data`` blocks (``run_row``)."""
+    cells_dir = pathlib.Path(out) / "cells"
     seeds = list(seeds)
-    max_loss = DEFAULT_MAX_LOSS
-    if config is not None and "train" in config and "max_loss" in config.train:
-        max_loss = float(config.train.max_loss)
+    # Plain dicts: they travel to spawned worker processes.
     kwargs = dict(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
-                  max_loss=max_loss)
+                  max_loss=float(max_loss),
+                  opt_config=None if opt_config is None else opt_config.to_dict(),
+                  data_config=None if data_config is None else data_config.to_dict())
+    _check_setup(cells_dir, dict(kwargs, base_model=dataclasses.asdict(base_cfg)))
     jobs = []
     for scheme in schemes:
         for depth in depths:
@@ -205,8 +224,7 @@ def run(base_cfg, config, *, out, schemes, depths, lrs, warmups, num_steps, batc
                     jobs.append((row, missing))
     done = len(schemes) * len(depths) * len(warmups) - len(jobs)
     log(f"stability-map: {len(jobs)} rows to run, {done} already finished in {cells_dir}")
-    plain = None if config is None else config.to_dict()
-    args = [(base_cfg, plain, row, missing, seeds, kwargs, cells_dir) for row, missing in jobs]
+    args = [(base_cfg, row, missing, seeds, kwargs, cells_dir) for row, missing in jobs]
     if workers > 1 and len(args) > 1:
         # spawn: a forked JAX process is unsafe; each worker starts its own runtime.
         context = multiprocessing.get_context("spawn")
@@ -217,7 +235,7 @@ def run(base_cfg, config, *, out, schemes, depths, lrs, warmups, num_steps, batc
     else:
         for a in args:
             results = _row_worker(a)
-            log(f"  {a[2].scheme} L={a[2].depth} warmup={a[2].warmup_steps}: "
+            log(f"  {a[1].scheme} L={a[1].depth} warmup={a[1].warmup_steps}: "
                 f"{results[0]['row_seconds']:.1f}s")
     cells = []
     for scheme in schemes:

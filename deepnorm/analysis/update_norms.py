@@ -8,7 +8,8 @@ the instability Theorem 4.2 bounds by a sum over sublayers divided by alpha.
 
 Here F is the model's output, the logits [B, T, V]; ||dF|| is the L2 norm over the vocabulary
 of each position's change, averaged over the batch's positions (so it does not grow with B or
-T). Seeds are vmapped; the steps are one ``lax.scan`` that evaluates F after every update.
+T). Seeds are vmapped; the steps are one ``lax.scan`` of the training package's train step
+that evaluates F after every update.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from flax import nnx
 from deepnorm.analysis import schemes as schemes_lib
 from deepnorm.analysis.batches import first
 from deepnorm.analysis.params import init_params
-from deepnorm.analysis.train_steps import adam, scan_train
+from deepnorm.analysis.train_steps import scan_steps, seed_states
 from deepnorm.training.loss import model_forward
+from deepnorm.training.optim import make_optimizer
+from deepnorm.training.steps import make_train_step
 
 
 def output_change(logits_a, logits_b, weights=None):
@@ -34,32 +37,33 @@ def output_change(logits_a, logits_b, weights=None):
     return jnp.sum(per_position * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def measure(cfg, *, seeds, batches, probe, num_steps: int, peak_lr: float,
-            warmup_steps: int = 0, scheme: str | None = None) -> list[dict]:
+def measure(cfg, *, seeds, batches, probe, num_steps: int, opt_config,
+            scheme: str | None = None) -> list[dict]:
     """Records {residual, num_layers, seed, step, update_norm} for steps 0..num_steps.
 
-    Each seed trains with Adam (``peak_lr``, linear warmup over ``warmup_steps``) on the
-    stacked ``batches``; ``probe`` is the fixed input x (one batch, kept out of training).
-    Step 0 is the initialization (update norm 0). A diverged run shows as NaN / inf.
+    Each seed trains with the training package's train step and ``opt_config``'s optimizer on
+    the stacked ``batches`` (cycled); ``probe`` is the fixed input x (one batch, kept out of
+    training). Step 0 is the initialization (update norm 0). A diverged run shows as NaN / inf.
     """
     seeds = list(seeds)
     graphdef, params = init_params(cfg, seeds, first(batches))
-    tx = adam(peak_lr, warmup_steps)
     probe = jax.tree.map(jnp.asarray, probe)
+    tx, _ = make_optimizer(opt_config, num_steps)
+    train_step = make_train_step(graphdef, tx, diagnostics=False,
+                                 label_smoothing=float(opt_config.label_smoothing))
 
     def output(p):
         logits, _ = model_forward(nnx.merge(graphdef, p), probe)
         return logits
 
-    def one_seed(p0, b):
-        out0 = output(p0)
+    def one_seed(state, b):
+        out0 = output(state.params)
         # For the decoder of a causal or seq2seq model every target position is an output.
         record = lambda p: output_change(output(p), out0)  # noqa: E731
-        return scan_train(graphdef, p0, b, tx, num_steps, record=record)[1]
+        return scan_steps(train_step, state, b, num_steps, record=record)[1]
 
-    norms_SxT = jax.device_get(
-        jax.jit(jax.vmap(one_seed, in_axes=(0, None)))(params, jax.tree.map(jnp.asarray,
-                                                                             batches)))
+    norms_SxT = jax.device_get(jax.jit(jax.vmap(one_seed, in_axes=(0, None)))(
+        seed_states(params, seeds, tx), jax.tree.map(jnp.asarray, batches)))
     name = scheme or cfg.residual
     depth = schemes_lib.depth_of(cfg)
     records = []
@@ -72,8 +76,8 @@ def measure(cfg, *, seeds, batches, probe, num_steps: int, peak_lr: float,
     return records
 
 
-def run(base_cfg, *, schemes, depths, seeds, batches, probe, num_steps, peak_lr,
-        warmup_steps=0, log=print) -> list[dict]:
+def run(base_cfg, *, schemes, depths, seeds, batches, probe, num_steps, opt_config,
+        log=print) -> list[dict]:
     """``measure`` for every scheme x depth."""
     records = []
     for scheme in schemes:
@@ -81,7 +85,7 @@ def run(base_cfg, *, schemes, depths, seeds, batches, probe, num_steps, peak_lr,
             cfg = schemes_lib.scheme_config(base_cfg, scheme, depth)
             start = time.perf_counter()
             records += measure(cfg, seeds=seeds, batches=batches, probe=probe,
-                               num_steps=num_steps, peak_lr=peak_lr,
-                               warmup_steps=warmup_steps, scheme=scheme)
+                               num_steps=num_steps, opt_config=opt_config,
+                               scheme=scheme)
             log(f"update-norms {scheme} L={depth}: {time.perf_counter() - start:.1f}s")
     return records
