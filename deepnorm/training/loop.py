@@ -318,7 +318,7 @@ def _setup(config, workdir: str) -> _Run:
     run.derived = derived_constants(model_cfg, config)
     run.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
     logging.info("%s", _start_line(model_cfg, run.derived, run.num_params, mesh, train))
-    logging.info("data: %s", data.describe())
+    logging.info("%s", data.describe())
     if run.start_step:
         logging.info("resuming from checkpoint step %d in %s", run.start_step, workdir)
     return run
