@@ -77,8 +77,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Huge-page malloc (deepnorm/training/hugepages.py): removes XLA:CPU's per-step page
-    # faults; glibc reads it only at process start, so this re-executes once (same PID).
+    # Huge-page malloc (deepnorm/training/hugepages.py) removes XLA:CPU's per-step page faults;
+    # glibc reads it only at process start, so DEEPNORM_HUGEPAGES=1 re-executes once (same PID).
+    # Off by default: a debugger, srun or an IDE sees the process it started.
+    from deepnorm.config import ConfigError
     from deepnorm.training.hugepages import reexec_with_hugepages
-    reexec_with_hugepages()
+    try:
+        reexec_with_hugepages()
+    except ConfigError as err:
+        _fail(str(err))
     app.run(main, flags_parser=_parse)

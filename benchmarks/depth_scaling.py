@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    hugepages.reexec_with_hugepages()
+    hugepages.reexec_with_hugepages(by_default=True)
 
 import jax  # noqa: E402
 

@@ -31,14 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    hugepages.reexec_with_hugepages()
+    hugepages.reexec_with_hugepages(by_default=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
-from deepnorm.transformer import resolve_remat_policy  # noqa: E402
+from deepnorm.training.platform import resolve_remat_policy  # noqa: E402
 
 NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, FLOP/s
 

@@ -5,7 +5,7 @@
     python benchmarks/step_time.py --d 256 --remat full
     python benchmarks/step_time.py --d 512 --unrolled
     python benchmarks/step_time.py --d 64 --unroll 2           # 2 layers per scan-loop trip
-    DEEPNORM_PLAIN_MALLOC=1 python benchmarks/step_time.py --d 256        # huge pages off
+    DEEPNORM_HUGEPAGES=0 python benchmarks/step_time.py --d 256           # huge pages off
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/step_time.py --d 256
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_time.py --d 256
         # two virtual CPU devices: the batch is split over a data-parallel mesh
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    hugepages.reexec_with_hugepages()
+    hugepages.reexec_with_hugepages(by_default=True)
 
 import statistics  # noqa: E402
 
@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
-from deepnorm.transformer import resolve_remat_policy  # noqa: E402
+from deepnorm.training.platform import resolve_remat_policy  # noqa: E402
 
 LAYERS = {64: 100, 256: 24, 512: 12}  # the vs_torchscale encoder shapes
 
@@ -58,7 +58,8 @@ def main(argv=None) -> float:
         p.error(f"--d={args.d} has no default depth; give --layers (defaults for {list(LAYERS)})")
     stack, stack_words = bc.stack_options(p, args)
     cfg = TransformerConfig(arch="encoder", num_layers=layers, d_model=args.d, num_heads=4,
-                            d_ff=4 * args.d, residual="deepnorm", remat_policy=args.remat,
+                            d_ff=4 * args.d, residual="deepnorm",
+                            remat_policy=resolve_remat_policy(args.remat, dtype=args.dtype),
                             dtype=args.dtype, **stack)
     batch = bc.random_batch(cfg, 8, 64)
     trainer = bc.JaxTrainer(cfg, batch)

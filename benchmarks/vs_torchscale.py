@@ -54,12 +54,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deepnorm.training import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-    hugepages.reexec_with_hugepages()  # inherited by both sides' worker processes
+    hugepages.reexec_with_hugepages(by_default=True)  # inherited by both sides' worker processes
 
 import bench_common as bc  # noqa: E402
 import torchscale_side as ts  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
-from deepnorm.transformer import resolve_remat_policy, sinusoidal_positions  # noqa: E402
+from deepnorm.training.platform import resolve_remat_policy  # noqa: E402
+from deepnorm.transformer import sinusoidal_positions  # noqa: E402
 
 # (name, arch, d_model, encoder layers, decoder layers)
 SHAPES = [
@@ -78,7 +79,8 @@ def model_config(arch: str, d: int, n: int, m: int, remat: str,
               else dict(num_encoder_layers=n, num_decoder_layers=m))
     return TransformerConfig(arch=arch, d_model=d, num_heads=HEADS, d_ff=4 * d, vocab_size=VOCAB,
                              norm="layernorm", residual="deepnorm", dropout_rate=0.0,
-                             dtype=dtype, remat_policy=remat, **stack, **layers)
+                             dtype=dtype, remat_policy=resolve_remat_policy(remat, dtype=dtype),
+                             **stack, **layers)
 
 
 def main(argv=None) -> float:

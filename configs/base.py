@@ -40,8 +40,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
     tie_embeddings, use_bias, norm_eps
     dtype           float32 | bfloat16 (compute; params and norm statistics stay float32)
-    remat_policy    auto (save_dots on CPU, full elsewhere) | none | full | save_dots |
-                    save_dots_no_batch (what a layer keeps for backprop)
+    remat_policy    auto (train.py: save_dots on CPU in float32, full in bfloat16 and on
+                    GPU/TPU) | none | full | save_dots | save_dots_no_batch (what a layer
+                    keeps for backprop; docs/backends.md)
     scan_layers     True (one scanned layer; compile time independent of depth); False: a
                     Python loop, 6-10% faster for shallow d >= 256 stacks on CPU
                     (benchmarks/RESULTS.md change 19)

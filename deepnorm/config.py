@@ -69,11 +69,12 @@ class TransformerConfig:
     use_bias: bool = True
     norm_eps: float = 1e-5
     # Matmul input dtype. With bfloat16 the products are summed and returned in float32
-    # (layers.bf16_matmul); parameters, activations and norm statistics are float32 either way.
+    # (ops.bf16_matmul); parameters, activations and norm statistics are float32 either way.
     dtype: str = "float32"
-    # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto" is
-    # save_dots on CPU in float32 and full in bfloat16 (the fastest there: benchmarks/RESULTS.md)
-    # and full elsewhere (the least memory, what a 1,000-layer model on an accelerator needs).
+    # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto"
+    # is resolved by the training setup (deepnorm.training.platform): save_dots on CPU in
+    # float32, full on CPU in bfloat16 (the fastest there: benchmarks/RESULTS.md) and full on a
+    # GPU/TPU (the least memory). A model built with "auto" unresolved runs full everywhere.
     remat_policy: str = "auto"
     # False runs the layers as a Python loop: compile time grows with depth (~0.5 s a layer on
     # CPU), but there are no stacked scan buffers to fill, write and read. On the 2-core CPU that

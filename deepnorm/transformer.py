@@ -20,8 +20,9 @@ from flax import nnx
 from deepnorm import residual as residual_lib
 from deepnorm.config import FINAL_NORM_RESIDUALS, TransformerConfig
 from deepnorm.initializers import layer_constants, layer_gain, role_gains
-from deepnorm.layers import Attention, Dense, FeedForward, matmul
+from deepnorm.layers import Attention, Dense, FeedForward
 from deepnorm.norms import make_norm
+from deepnorm.ops import matmul
 
 PAD_ID = 0  # the token id that marks padding in encoder inputs (deepnorm.data.tokenizer)
 
@@ -32,22 +33,16 @@ REMAT_POLICIES = {
 }
 
 
-def resolve_remat_policy(name: str, backend: str | None = None, dtype: str = "float32") -> str:
-    """The policy ``model.remat_policy`` names; ``"auto"`` depends on the platform and dtype.
+# What the model runs for remat_policy="auto" when nobody resolved it: the model does not know
+# the platform, so this is a fixed choice, the one that needs the least memory. Training
+# resolves "auto" per platform and dtype before building the model
+# (deepnorm.training.platform.resolve_remat_policy) and prints the result in its start line.
+UNRESOLVED_AUTO_REMAT = "full"
 
-    On CPU in float32, save_dots: keeping the matmul outputs and recomputing only element-wise
-    work was the fastest policy on both CPUs measured (9-15% less step time than full, 12-37%
-    less than none, whose stacked intermediates cost more to write than to recompute).
-    On CPU in bfloat16, full: once the matmuls run on AMX (``layers.bf16_matmul``) recomputing
-    them is cheaper than writing and reading their saved outputs (4-25% less step time than
-    save_dots). Elsewhere, full: it needs the least memory (1.6x the parameter + Adam footprint
-    at 1,000 layers against 4.6x for save_dots), which is what bounds depth on an accelerator.
-    All figures: benchmarks/RESULTS.md (changes 8 and 17).
-    """
-    if name != "auto":
-        return name
-    on_cpu = (backend or jax.default_backend()) == "cpu"
-    return "save_dots" if on_cpu and jnp.dtype(dtype) == jnp.float32 else "full"
+
+def model_remat_policy(name: str) -> str:
+    """The policy the stack applies for ``model.remat_policy=name`` ("auto": ``full``)."""
+    return UNRESOLVED_AUTO_REMAT if name == "auto" else name
 
 
 # Per-sublayer statistics every block returns (each a mean over batch and positions).
@@ -175,7 +170,7 @@ class Stack(nnx.Module):
             return block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
                          cross_mask=cross_mask, causal=causal, dropout_key=key)
 
-        policy = resolve_remat_policy(cfg.remat_policy, dtype=cfg.dtype)
+        policy = model_remat_policy(cfg.remat_policy)
         if policy != "none":
             # prevent_cse=False: inside a scan the loop boundary already stops XLA from merging
             # the recomputation back into the forward pass, and CSE barriers cost speed.

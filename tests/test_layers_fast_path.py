@@ -1,4 +1,4 @@
-"""The CPU fast paths of deepnorm.layers equal what they replace.
+"""The CPU fast paths of deepnorm.ops (and layers.fused_projection) equal what they replace.
 
 einsum_attention replaces jax.nn.dot_product_attention's XLA path for attention_impl=None on
 CPU; fused_projection replaces separate q/k/v matmuls (the parameters, and so DeepNorm's
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepnorm.layers import Dense, bf16_matmul, einsum_attention, fused_projection
+from deepnorm.layers import Dense, fused_projection
+from deepnorm.ops import bf16_matmul, einsum_attention
 
 
 @pytest.mark.parametrize("causal", [False, True])

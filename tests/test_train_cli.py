@@ -58,8 +58,11 @@ def test_a_run_completes_and_the_same_command_resumes(tmp_path):
     with open(tmp_path / "summary.json") as f:
         summary = json.load(f)
     assert summary["status"] == "completed" and summary["final_step"] == 2
-    # The start line names the settings in force: auto remat resolved, matmul dtype, malloc.
-    malloc = "on" if sys.platform.startswith("linux") else "off"
+    # The start line names the settings in force: auto remat resolved, matmul dtype, malloc
+    # (plain unless DEEPNORM_HUGEPAGES=1 asks train.py to re-execute itself).
+    malloc = "on" if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "") or (
+        os.environ.get("DEEPNORM_HUGEPAGES") == "1" and sys.platform.startswith("linux")) \
+        else "off"
     settings = f"remat save_dots; float32 matmuls; malloc huge pages {malloc}"
     assert settings in first.stderr, first.stderr[-3000:]
     again = train_py(*args)  # the same command: finds the finished run, changes nothing

@@ -25,6 +25,7 @@ import time
 from deepnorm.analysis import schemes as schemes_lib
 from deepnorm.analysis.config_file import ConfigFileError, apply_override, load_config
 from deepnorm.config import ConfigError, TransformerConfig
+from deepnorm.training.platform import resolve_model_config
 
 COMMANDS = ("grad-norms", "update-norms", "stability-map")
 
@@ -193,7 +194,8 @@ def resolve_config(command: str, config_path: str | None, overrides: list[str]):
     config = load_config(config_path)
     for assignment in overrides:
         apply_override(config, assignment)
-    return config, TransformerConfig.from_mapping(config.model.to_dict())
+    # As train.py runs it: the platform's choice for "auto" (deepnorm.training.platform).
+    return config, resolve_model_config(TransformerConfig.from_mapping(config.model.to_dict()))
 
 
 def _split_overrides(argv):

@@ -29,8 +29,8 @@ from deepnorm.training.data import DataSource
 from deepnorm.training.metrics import MetricsWriter
 from deepnorm.training.optim import make_optimizer
 from deepnorm.training.state import abstract_params, abstract_train_state, create_train_state
+from deepnorm.training.platform import resolve_model_config
 from deepnorm.training.steps import make_eval_step, make_train_step
-from deepnorm.transformer import resolve_remat_policy
 
 DIAGNOSTICS = ("every_step", "log_steps", "off")
 
@@ -98,7 +98,7 @@ def _start_line(model_cfg: TransformerConfig, derived: dict, num_params: int, me
             f"{derived['b1']:g} b2={derived['b2']:g}; batch {derived['batch_size']} x "
             f"{derived['seq_len']}; {num_params:,} params; mesh {dict(mesh.shape)} over "
             f"{jax.device_count()} devices, {jax.process_count()} process(es); remat "
-            f"{resolve_remat_policy(model_cfg.remat_policy, dtype=model_cfg.dtype)}; "
+            f"{model_cfg.remat_policy}; "
             + _stack_words(model_cfg)
             + f"{model_cfg.dtype} matmuls; {hugepages.describe()}")
 
@@ -159,7 +159,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     that is also written to ``workdir/summary.json``."""
     initialize_distributed(config.distributed)
     started = time.time()
-    model_cfg = TransformerConfig.from_mapping(config.model)
+    # Platform-dependent "auto" values are chosen here, once, before any model is built.
+    model_cfg = resolve_model_config(TransformerConfig.from_mapping(config.model))
     train = config.train
     check_train_config(train)
     # Everything is validated before the workdir is created (deepnorm.training.validation).

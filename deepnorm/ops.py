@@ -1,0 +1,173 @@
+"""The model's only matmul and attention: every backend-specific path sits behind these.
+
+``deepnorm.layers`` and ``deepnorm.transformer`` call ``matmul``, ``project`` and ``attention``
+and never ask which backend they run on. What a backend needs for speed lives here, each path
+with the reason it exists and what it measured (benchmarks/RESULTS.md):
+
+- ``bf16_matmul``: the bfloat16 matmul with a hand-written gradient, for the AMX units of
+  recent Intel CPUs (XLA:CPU uses them only for bfloat16 dots returning float32).
+- ``project``: several projections of one input as one matmul (concatenated kernels).
+- ``attention``: two einsums on CPU for ``impl=None``; ``jax.nn.dot_product_attention``
+  (XLA's own choice, or "xla" / "cudnn" when forced) elsewhere.
+
+None of the accelerator paths (cuDNN attention, ``dot_product_attention`` on GPU/TPU, bfloat16
+on a GPU/TPU) has been run on a GPU or TPU by this project's tests or benchmarks (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# A masked logit: finite, so a fully masked row softmaxes to uniform instead of NaN. The value
+# jax.nn.dot_product_attention's XLA path uses, so both paths agree bit for bit on masked rows.
+_MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# --- matmul ----------------------------------------------------------------------------------
+
+def matmul(x: jax.Array, kernel: jax.Array, dtype, kernel_axis: int = 0) -> jax.Array:
+    """x's last axis against kernel's axis ``kernel_axis`` (0: x @ kernel, 1: x @ kernel^T),
+    with both operands in the compute dtype ``dtype``.
+
+    float32: one ``dot_general`` in float32. bfloat16: ``bf16_matmul``, which returns float32,
+    so everything between two matmuls stays float32 whatever the compute dtype.
+    """
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return bf16_matmul(x, kernel, kernel_axis)
+    dims = (((x.ndim - 1,), (kernel_axis,)), ((), ()))
+    return lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims)
+
+
+def project(x: jax.Array, kernels: Sequence[jax.Array], biases: Sequence[jax.Array] | None,
+            dtype) -> tuple[jax.Array, ...]:
+    """``tuple(matmul(x, w, dtype) + b for w, b in zip(kernels, biases))`` as one matmul.
+
+    Why: one [d, 3d] matmul instead of three [d, d] ones runs closer to the matmul peak on a CPU
+    and launches a third of the kernels (benchmarks/RESULTS.md, "fused qkv"). The caller keeps
+    its parameters separate (each projection has its own DeepNorm gain and its own name in the
+    tree); only the product is shared, by concatenating the kernels along the output axis.
+    ``biases`` is None for bias-free projections. Every kernel must have the same output width.
+    """
+    kernels = tuple(kernels)
+    y = matmul(x, jnp.concatenate(kernels, axis=1), dtype)
+    if biases is not None:
+        y = y + jnp.concatenate(tuple(biases)).astype(y.dtype)
+    return tuple(jnp.split(y, len(kernels), axis=-1))
+
+
+def _dot_f32(a, b, dims) -> jax.Array:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _bf16_forward(x, kernel, kernel_axis):
+    xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    y = _dot_f32(xb, kb, (((x.ndim - 1,), (kernel_axis,)), ((), ())))
+    return y, (xb, kb)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bf16_matmul(x, kernel, kernel_axis, grad_dtypes):
+    return _bf16_forward(x, kernel, kernel_axis)[0]
+
+
+def _bf16_matmul_fwd(x, kernel, kernel_axis, grad_dtypes):
+    return _bf16_forward(x, kernel, kernel_axis)
+
+
+def _bf16_matmul_bwd(kernel_axis, grad_dtypes, residuals, g):
+    xb, kb = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = _dot_f32(gb, kb, (((g.ndim - 1,), (1 - kernel_axis,)), ((), ())))  # g kernel^T
+    lead = tuple(range(g.ndim - 1))  # the kernel's gradient sums over every leading axis
+    if kernel_axis == 0:  # kernel [k, n]: x^T g
+        dk = _dot_f32(xb, gb, ((lead, lead), ((), ())))
+    else:  # kernel [n, k]: g^T x
+        dk = _dot_f32(gb, xb, ((lead, lead), ((), ())))
+    return dx.astype(grad_dtypes[0]), dk.astype(grad_dtypes[1])
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def bf16_matmul(x: jax.Array, kernel: jax.Array, kernel_axis: int = 0) -> jax.Array:
+    """x @ kernel (or x @ kernel^T for ``kernel_axis=1``) with both rounded to bfloat16 and
+    the products summed in float32.
+
+    The backward pass is written out: dx = g kernel^T and dkernel = x^T g, each from bfloat16
+    operands (g rounded once) into float32. Two reasons. XLA:CPU multiplies bfloat16 on the
+    AMX units of recent Intel CPUs only when the dot returns float32 (1,230-1,600 GFLOP/s at
+    2048^3 on a 2-core Xeon with AMX against ~275 for float32; a dot returning bfloat16 ran at
+    225-240, slower than float32: benchmarks/matmul_forms.py, benchmarks/RESULTS.md). And JAX's
+    own transpose of that dot multiplies the float32 cotangent by a bfloat16 operand, which XLA
+    promotes to a float32 dot (the slow path), then rounds the gradient to bfloat16; here
+    gradients come back in the inputs' dtypes.
+    The tied output head (``kernel_axis=1``) names the contracted axis instead of transposing
+    the embedding: XLA:CPU's fallback dot kernel has no bfloat16 -> float32 variant, and the
+    gradient of ``bf16_matmul(x, embed.T)`` gave it a transposed dot that YNNPACK declines
+    (the step failed with "UNIMPLEMENTED: ... DotThunk::Execute: BF16 x BF16 = F32").
+    On a GPU/TPU the same dots are ordinary bfloat16-in, float32-out matmuls (not measured).
+    """
+    if kernel_axis not in (0, 1) or kernel.ndim != 2:
+        raise ValueError(f"bf16_matmul needs a 2-D kernel and kernel_axis 0 or 1, got shape "
+                         f"{kernel.shape} and kernel_axis={kernel_axis!r}")
+    return _bf16_matmul(x, kernel, kernel_axis,
+                        (jnp.dtype(x.dtype).name, jnp.dtype(kernel.dtype).name))
+
+
+# --- attention -------------------------------------------------------------------------------
+
+def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
+              mask: jax.Array | None = None, causal: bool = False, impl: str | None = None,
+              dtype=jnp.float32) -> jax.Array:
+    """softmax(q k^T / sqrt(K) + masked) v per head: [B, T, H, K] queries against [B, S, H, K]
+    keys and values, returning [B, T, H, K].
+
+    ``mask``: True where a query may attend to a key, broadcastable to [B, H, T, S] (e.g. a
+    [B, 1, 1, S] padding mask, or a [B, 1, T, S] mask of a decoding cache's filled slots).
+    ``causal``: query i sees keys 0..i; it needs T == S. A decoding step with queries shorter
+    than keys (T < S) passes ``causal=False`` and says what each query sees in ``mask``.
+    A row with every key masked gives the mean of the values (finite, never NaN).
+    ``impl``: None picks per backend (two einsums on CPU, ``jax.nn.dot_product_attention``'s
+    own choice elsewhere); "xla" / "cudnn" force that implementation of dot_product_attention.
+    ``dtype``: the compute dtype q, k, v are cast to for dot_product_attention (cuDNN's kernel
+    takes bfloat16 / float16 only); the CPU einsum path keeps its operands' dtype (float32
+    from the projections) and computes logits and softmax in float32.
+    """
+    t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
+    if causal and t != s:
+        raise ValueError(f"causal attention needs as many queries as keys, got {t} queries and "
+                         f"{s} keys; pass causal=False and a [B, 1, T, S] mask instead")
+    if impl is None and jax.default_backend() == "cpu":
+        return einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, causal)
+    dt = jnp.dtype(dtype)
+    return jax.nn.dot_product_attention(q_BxTxHxK.astype(dt), k_BxSxHxK.astype(dt),
+                                        v_BxSxHxK.astype(dt), mask=mask, is_causal=causal,
+                                        implementation=impl)
+
+
+def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=False):
+    """softmax(q k^T / sqrt(K), masked) v, written out as two einsums.
+
+    The same maths as ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in
+    float32, masked logits set to -0.7 x float32 max, so a fully masked row is uniform), without
+    its grouped-query vmap, whose extra axis and transposes cost about 2x in the backward pass
+    on XLA:CPU (benchmarks/RESULTS.md, "einsum attention"). ``attention`` uses it for
+    ``impl=None`` on CPU.
+    """
+    t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
+    scale = q_BxTxHxK.shape[-1] ** -0.5
+    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    keep = mask_Bx1xTxS
+    if causal:
+        tri = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        keep = tri if keep is None else jnp.logical_and(keep, tri)
+    if keep is not None:
+        logits = jnp.where(keep, logits, jnp.float32(_MASKED_LOGIT))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK)
