@@ -191,3 +191,114 @@ def test_temperature_sampling_matches_the_softmax_and_tiny_temperature_is_greedy
     greedy = search.greedy_search(model.step, model.init_cache(1), batch_size=1,
                                   max_len_B=[2], max_steps=2, bos_id=EOS, eos_id=EOS)
     assert np.all(np.asarray(cold[:, 1:]) == np.asarray(greedy))
+
+
+# The KV cache against the full forward pass ------------------------------------------------
+
+from flax import nnx  # noqa: E402
+
+from deepnorm.config import RESIDUALS, TransformerConfig  # noqa: E402
+from deepnorm.decoding import incremental  # noqa: E402
+from deepnorm.transformer import Transformer  # noqa: E402
+
+
+def tiny_model(arch, residual, scan_layers=True, seed=0, **extra):
+    layers = (dict(num_encoder_layers=2, num_decoder_layers=2) if arch == "encoder_decoder"
+              else dict(num_layers=2))
+    cfg = TransformerConfig(arch=arch, vocab_size=11, d_model=16, num_heads=2, d_ff=32,
+                            residual=residual, norm="none" if residual == "rezero" else
+                            "layernorm", scan_layers=scan_layers, **layers, **extra)
+    model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+    # Perturb every parameter, so ReZero's gates, Admin's omegas and the norms' scales are
+    # not at their special initial values (a zero gate would hide a wrong branch).
+    graphdef, state = nnx.split(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def cached_logits(model, tokens_BxT, inputs_BxS=None):
+    """Logits at every position from one-token decode steps over a cache."""
+    b, t = tokens_BxT.shape
+    cache = model.init_decode_cache(b, t + 2, inputs_BxS)
+    out = []
+    for i in range(t):
+        logits, cache = model.decode_step(tokens_BxT[:, i:i + 1], cache)
+        out.append(logits[:, 0])
+    return jnp.stack(out, axis=1)
+
+
+def full_logits(model, tokens_BxT, inputs_BxS=None):
+    if model.config.arch == "encoder_decoder":
+        return model(inputs_BxS, tokens_BxT)[0]
+    return model(tokens_BxT)[0]
+
+
+TOKENS = jnp.array([[1, 5, 7, 3, 9], [1, 4, 4, 10, 2]])
+SOURCE = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 2, 5, 6]])  # row 0 padded
+
+
+def _check_cache(arch, residual, scan_layers):
+    model = tiny_model(arch, residual, scan_layers)
+    graphdef, params = nnx.split(model, nnx.Param)
+    src = SOURCE if arch == "encoder_decoder" else None
+
+    @jax.jit  # one compilation for both passes
+    def both(p):
+        m = nnx.merge(graphdef, p)
+        return cached_logits(m, TOKENS, src), full_logits(m, TOKENS, src)
+
+    cached, full = both(params)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-5, atol=1e-5,
+                               err_msg=f"{arch} {residual} scan_layers={scan_layers}")
+
+
+@pytest.mark.parametrize("arch,residual,scan_layers", [
+    ("encoder_decoder", "deepnorm", True), ("decoder", "b2t", False),
+    ("encoder_decoder", "rezero", False), ("decoder", "mixln", True)])
+def test_cached_decoder_equals_full_pass(arch, residual, scan_layers):
+    _check_cache(arch, residual, scan_layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder"])
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_cached_decoder_equals_full_pass_every_scheme(arch, residual, scan_layers):
+    _check_cache(arch, residual, scan_layers)
+
+
+def test_cached_decoding_with_learned_positions():
+    model = tiny_model("decoder", "pre", positions="learned", max_len=8)
+    np.testing.assert_allclose(np.asarray(cached_logits(model, TOKENS)),
+                               np.asarray(full_logits(model, TOKENS)), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_step_under_jit_equals_eager_and_beam_search_runs_on_the_model():
+    model = tiny_model("encoder_decoder", "post")
+    graphdef, params = nnx.split(model, nnx.Param)
+    run = jax.jit(lambda p, s: cached_logits(nnx.merge(graphdef, p), TOKENS, s))
+    np.testing.assert_allclose(np.asarray(run(params, SOURCE)),
+                               np.asarray(cached_logits(model, TOKENS, SOURCE)),
+                               rtol=1e-5, atol=1e-6)
+    greedy = jax.jit(lambda p, s: incremental.translate_batch(
+        graphdef, p, s, beam_size=1, max_steps=6, bos_id=1, eos_id=1))(params, SOURCE)
+
+    def beam1(p, s):
+        m = nnx.merge(graphdef, p)
+        tokens, _ = search.beam_search(
+            incremental.step_fn(m), m.init_decode_cache(2, 7, s), batch_size=2, beam_size=1,
+            max_len_B=search.max_lengths(jnp.sum(s != 0, 1), 1.2, 10, 6), max_steps=6,
+            bos_id=1, eos_id=1, reorder_cache=incremental.reorder_cache)
+        return tokens[:, 0]
+
+    np.testing.assert_array_equal(np.asarray(greedy), np.asarray(jax.jit(beam1)(params, SOURCE)))
+    # Greedy tokens re-scored by the full pass are each position's argmax (PAD banned).
+    seq = np.asarray(greedy)
+    dec_in = jnp.concatenate([jnp.ones((2, 1), jnp.int32), jnp.asarray(seq[:, :-1])], axis=1)
+    logits = np.asarray(full_logits(model, dec_in, SOURCE)).copy()
+    logits[..., 0] = -np.inf
+    for b in range(2):
+        n = min(len(strip(seq[b])), 6)  # the 7th token is EOS forced at max_steps=6
+        np.testing.assert_array_equal(seq[b, :n], logits[b, :n].argmax(-1))
