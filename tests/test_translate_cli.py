@@ -1,5 +1,6 @@
 """``python -m deepnorm.translate`` on a tiny trained encoder_decoder run; BLEU / chrF."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,9 +23,18 @@ def workdir(tmp_path_factory):
     config = deepnorm_config.get_config("quick")
     config.model.update(d_model=16, d_ff=32, num_encoder_layers=1, num_decoder_layers=1)
     config.train.update(num_steps=2, batch_size=4, seq_len=16, eval_every=2, eval_steps=1,
-                        checkpoint_every=2, progress_bar=False)
+                        checkpoint_every=2, progress_bar=False, bleu_every=1, bleu_examples=3)
     path = str(tmp_path_factory.mktemp("translate_run"))
-    assert train_and_evaluate(config, path)["status"] == "completed"
+    summary = train_and_evaluate(config, path)
+    assert summary["status"] == "completed"
+    # The BLEU hook: every bleu_every steps and at the end, in metrics.jsonl and summary.json.
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    bleu_rows = [r for r in rows if "bleu" in r]
+    assert [r["step"] for r in bleu_rows] == [1, 2]
+    assert set(summary["final_bleu"]) == {"bleu", "chrf"}
+    assert summary["final_bleu"]["chrf"] == bleu_rows[-1]["chrf"]
+    assert all(0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100 for r in bleu_rows)
     return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.initializers import describe
+from deepnorm.training import bleu as bleu_lib
 from deepnorm.training import checkpoint as checkpoint_lib
 from deepnorm.training import divergence as divergence_lib
 from deepnorm.training import hugepages
@@ -227,6 +228,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         max_consecutive_skips=train.max_consecutive_skips)
     writer = MetricsWriter(workdir, primary=primary, start_step=start_step,
                            num_steps=train.num_steps, progress=train.progress_bar)
+    bleu_every = int(train.get("bleu_every", 0))  # BLEU hook: deepnorm.training.bleu
+    if bleu_every > 0 and model_cfg.arch != "encoder_decoder":
+        raise ConfigError(f"train.bleu_every={bleu_every} needs model.arch='encoder_decoder' "
+                          f"(got {model_cfg.arch!r}); set train.bleu_every=0")
+    bleu = bleu_lib.loop_bleu_eval(config, graphdef, data) if bleu_every > 0 else None
     tokens_per_step = train.batch_size * train.seq_len
     last = {"loss": None, "eval": None, "diverged": None}
     timer = {"t": None, "steps": 0}
@@ -288,6 +294,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.message(f"step {step}: loss {last['loss']:.4f}, eval loss "
                                    f"{last['eval']['eval_loss']:.4f}, perplexity "
                                    f"{last['eval']['eval_perplexity']:.2f}")
+            if bleu is not None and (step % bleu_every == 0 or final):
+                last["bleu"] = bleu(state.params)
+                writer.write(step, last["bleu"], kind="eval")
+                writer.message(f"step {step}: BLEU {last['bleu']['bleu']:.2f}, chrF "
+                               f"{last['bleu']['chrf']:.2f}")
             if step < train.num_steps and guard.requested():
                 previous, pending = pending, None
                 if previous is not None and not handle(*previous):
@@ -315,6 +326,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "final_eval_perplexity": last["eval"]["eval_perplexity"] if last["eval"] else None,
         "divergence": event.line() if event else None,
         "preempted": preempted,
+        "final_bleu": last.get("bleu"),
         "skipped_steps": monitor.skipped_steps,
         "resumed_from_step": start_step or None,
         "checkpoint_steps": checkpoint_steps,
