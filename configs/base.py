@@ -105,6 +105,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config.eval_every = 100  # validation loss and perplexity every this many steps (and last)
     config.eval_steps = 8  # validation batches per evaluation (the same ones every time)
     config.checkpoint_every = 100  # orbax checkpoint every this many steps (and at the end)
+    config.bleu_every = 0  # encoder_decoder: BLEU / chrF of greedy translations every k steps
+    config.bleu_examples = 64  # validation pairs translated for that BLEU
     config.keep_checkpoints = 3  # keep the last k checkpoints
     config.async_checkpoints = True  # write checkpoints in a background thread
     # every_step: per-layer grad / update / activation norms on every step (feeds the

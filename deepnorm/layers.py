@@ -86,6 +86,49 @@ class Attention(nnx.Module):
         return self.out(o)
 
 
+    # Incremental decoding (deepnorm.decoding.incremental) ----------------------------------
+
+    def context_kv(self, context_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys and values [B, S, H, K] of a context: computed once per
+        decoded sentence instead of once per decoded token."""
+        b, s, d = context_BxSxD.shape
+        k, v = fused_projection((self.key, self.value), context_BxSxD)
+        h = self.num_heads
+        return k.reshape(b, s, h, d // h), v.reshape(b, s, h, d // h)
+
+    def cached_self_attention(self, x_BxTxD, cache_k, cache_v, index):
+        """Causal self-attention of T new positions ``index .. index + T - 1`` against a cache
+        of keys and values [B, T_max, H, K] holding positions ``0 .. index - 1``; returns the
+        output and the cache with the new positions written in."""
+        b, t, d = x_BxTxD.shape
+        h = self.num_heads
+        q, k, v = fused_projection((self.query, self.key, self.value), x_BxTxD)
+        q, k, v = (y.reshape(b, t, h, d // h) for y in (q, k, v))
+        start = (0, index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+        # Query at position index + i sees keys 0 .. index + i: the causal mask of the full
+        # pass, restricted to the rows being decoded; unfilled slots are masked out.
+        keys = jnp.arange(cache_k.shape[1])[None, :]
+        queries = index + jnp.arange(t)[:, None]
+        mask_1x1xTxS = (keys <= queries)[None, None]
+        return self._finish(q, cache_k, cache_v, mask_1x1xTxS), cache_k, cache_v
+
+    def attend_kv(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None):
+        """Cross-attention of the stream to precomputed keys and values (``context_kv``)."""
+        b, t, d = x_BxTxD.shape
+        q = self.query(x_BxTxD).reshape(b, t, self.num_heads, d // self.num_heads)
+        return self._finish(q, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS)
+
+    def _finish(self, q, k, v, mask):
+        b, t, h, kd = q.shape
+        o = ops.attention(q, k, v, mask=mask, causal=False, impl=self.impl, dtype=self.dtype)
+        o = o.reshape(b, t, h * kd)
+        if self.inner_norm is not None:
+            o = self.inner_norm(o)
+        return self.out(o)
+
+
 class FeedForward(nnx.Module):
     """act(x W1 + b1) W2 + b2; ``inner_norm`` is SubLN's norm after the activation."""
 

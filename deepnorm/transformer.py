@@ -111,8 +111,9 @@ class Block(nnx.Module):
                     nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
                     if cfg.residual == "admin" else None)
 
-    def _sublayers(self, context, self_mask, cross_mask, causal, dropout_key, records):
-        branches = {
+    def _sublayers(self, context, self_mask, cross_mask, causal, dropout_key, records,
+                   branches=None):
+        branches = branches or {
             "self_attn": lambda h: self.self_attn(h, mask_Bx1xTxS=self_mask, causal=causal),
             "cross_attn": lambda h: self.cross_attn(h, context, mask_Bx1xTxS=cross_mask),
             "ffn": self.ffn,
@@ -153,6 +154,29 @@ class Block(nnx.Module):
             "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states]),
         }
         return states[-1], stats
+
+
+    def decode(self, x_BxTxD, consts, cache: dict, *, index, cross_mask=None):
+        """The block on T new positions with cached self-attention keys and values.
+
+        ``cache`` holds this layer's ``k``, ``v`` [B, T_max, H, K] (positions before ``index``)
+        and, in a decoder of encoder_decoder, ``cross_k``, ``cross_v`` [B, S, H, K]. Every other
+        operation is position-wise, so the same residual scheme and sublayers give the full
+        pass's outputs at these positions. Returns the stream and the new ``k``, ``v``.
+        """
+        new = {}
+
+        def self_attn(h):
+            y, new["k"], new["v"] = self.self_attn.cached_self_attention(
+                h, cache["k"], cache["v"], index)
+            return y
+
+        branches = {"self_attn": self_attn, "ffn": self.ffn,
+                    "cross_attn": lambda h: self.cross_attn.attend_kv(
+                        h, cache["cross_k"], cache["cross_v"], cross_mask)}
+        sublayers = self._sublayers(None, None, None, False, None, [], branches=branches)
+        states = residual_lib.apply_layer(self.residual, x_BxTxD, sublayers, consts)
+        return states[-1], new
 
 
 class Stack(nnx.Module):
@@ -220,6 +244,44 @@ class Stack(nnx.Module):
         return x, stats
 
 
+    def cross_kv(self, context_BxSxD):
+        """Every layer's cross-attention keys and values of the encoder output, stacked:
+        ``(k, v)``, each [L, B, S, H, K], computed once per decoded batch."""
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one(state):
+            return nnx.merge(graphdef, state).cross_attn.context_kv(context_BxSxD)
+
+        return jax.lax.map(one, layer_state)
+
+    def decode(self, x_BxTxD, cache: dict, *, index, cross_mask=None):
+        """The stack on T new positions from a cache of stacked per-layer arrays (``k``, ``v``
+        [L, B, T_max, H, K], ``cross_k``, ``cross_v`` [L, B, S, H, K]): one scan over the
+        layers (a Python loop for ``scan_layers=False``). Returns the output and the cache."""
+        if self.input_norm is not None:
+            x_BxTxD = self.input_norm(x_BxTxD)
+        graphdef, layer_state = nnx.split(self.layers)
+        consts = layer_constants(self.config, self.name, self.num_layers)
+
+        def body(x, xs):
+            state, c, layer_cache = xs
+            return nnx.merge(graphdef, state).decode(x, c, layer_cache, index=index,
+                                                     cross_mask=cross_mask)
+
+        xs = (layer_state, consts, cache)
+        if self.config.scan_layers:
+            x, kv = jax.lax.scan(body, x_BxTxD, xs)
+        else:
+            x, per_layer = x_BxTxD, []
+            for layer_xs in unstack_layers(xs):
+                x, c = body(x, layer_xs)
+                per_layer.append(c)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, dict(cache, **kv)  # the cross-attention keys and values pass through
+
+
 def unstack_layers(tree) -> list:
     """A tree of [L, ...] arrays as L trees of [...] arrays, for the unrolled stack.
 
@@ -273,14 +335,22 @@ class Transformer(nnx.Module):
                            precision=cfg.matmul_precision,
                            dtype=jnp.dtype(cfg.dtype), rngs=rngs))
 
-    def _embed(self, tokens_BxT, key):
+    def _embed(self, tokens_BxT, key, *, offset=None, table_len=None):
+        """Token plus position embeddings; ``offset`` (a traced index) and ``table_len`` (the
+        cache length, static) place T decoded tokens at positions offset .. offset + T - 1."""
         cfg = self.config
         t = tokens_BxT.shape[1]
-        if cfg.positions == "learned" and t > cfg.max_len:
-            raise ValueError(f"sequence length {t} exceeds model.max_len={cfg.max_len}")
+        if cfg.positions == "learned" and max(t, table_len or 0) > cfg.max_len:
+            raise ValueError(f"sequence length {max(t, table_len or 0)} exceeds "
+                             f"model.max_len={cfg.max_len}")
         x = jnp.take(self.embed[...], tokens_BxT, axis=0) * math.sqrt(cfg.d_model)
-        pos = (self.pos_embed[:t] if self.pos_embed is not None
-               else sinusoidal_positions(t, cfg.d_model))
+        if offset is None:
+            pos = (self.pos_embed[:t] if self.pos_embed is not None
+                   else sinusoidal_positions(t, cfg.d_model))
+        else:
+            table = (self.pos_embed[...] if self.pos_embed is not None
+                     else jnp.asarray(sinusoidal_positions(table_len, cfg.d_model)))
+            pos = jax.lax.dynamic_slice_in_dim(table, offset, t, axis=0)
         x = x + pos[None]
         # The residual stream stays float32 even with dtype=bfloat16: only matmul inputs are
         # cast (deepnorm.layers.Dense), so a 1,000-term sum of branch outputs keeps its precision.
@@ -329,3 +399,37 @@ class Transformer(nnx.Module):
                                          token_mask_BxT=real_BxT)
         aux["decoder"]["input_var"] = aux_in
         return self._logits(y), aux
+
+    # Incremental decoding (deepnorm.decoding.incremental) --------------------------------------
+
+    def encode(self, inputs_BxS):
+        """The encoder output and its padding mask [B, 1, 1, S] (encoder_decoder)."""
+        pad_mask_Bx1x1xS = (inputs_BxS != PAD_ID)[:, None, None, :]
+        enc, _ = self.encoder(self._embed(inputs_BxS, None), self_mask=pad_mask_Bx1x1xS)
+        return enc, pad_mask_Bx1x1xS
+
+    def init_decode_cache(self, batch_size: int, max_len: int, inputs_BxS=None) -> dict:
+        """An empty decoder cache for ``max_len`` positions: per-layer self-attention keys and
+        values stacked as [L, B, max_len, H, K] (the layout ``ops.attention`` reads), and for
+        encoder_decoder the encoder's cross-attention keys and values, computed here once."""
+        cfg = self.config
+        shape = (cfg.decoder_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
+        layers = {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+        cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
+        if cfg.arch == "encoder_decoder":
+            if inputs_BxS is None:
+                raise ValueError("an encoder_decoder cache needs the source inputs_BxS")
+            enc, cache["cross_mask"] = self.encode(inputs_BxS)
+            layers["cross_k"], layers["cross_v"] = self.decoder.cross_kv(enc)
+        return cache
+
+    def decode_step(self, tokens_BxT, cache: dict):
+        """Logits [B, T, vocab] of T new decoder tokens at positions ``cache["index"]`` on,
+        and the cache with them added: the full pass's logits at those positions."""
+        index = cache["index"]
+        table_len = cache["layers"]["k"].shape[2]
+        y = self._embed(tokens_BxT, None, offset=index, table_len=table_len)
+        y, layers = self.decoder.decode(y, cache["layers"], index=index,
+                                        cross_mask=cache.get("cross_mask"))
+        new = dict(cache, layers=layers, index=index + tokens_BxT.shape[1])
+        return self._logits(y), new

@@ -31,6 +31,7 @@ import numpy as np
 
 from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.initializers import describe
+from deepnorm.training import bleu as bleu_lib
 from deepnorm.training import checkpoint as checkpoint_lib
 from deepnorm.training import divergence as divergence_lib
 from deepnorm.training import hugepages
@@ -82,6 +83,10 @@ def check_train_config(train) -> None:
         raise ConfigError(f"train.max_loss={train.max_loss!r} must be positive")
     check_grad_accum(train.batch_size, train.grad_accum_steps)
     loss_scale_lib.check_config(train)
+    for name in ("bleu_every", "bleu_examples"):
+        value = train[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"train.{name}={value!r} must be an integer >= 0")
 
 
 def derived_constants(model_cfg: TransformerConfig, config) -> dict:
@@ -215,6 +220,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     run.checkpointer.save(step, state, run.train_iter)
                 if cadence.evaluates(step):
                     reporter.evaluate(step, state.params)
+            if cadence.scores_bleu(step):
+                reporter.score_bleu(step, state.params)
             if step < train.num_steps and guard.requested(step):
                 if not reporter(lagged.drain()):
                     break  # diverged on this very step: nothing worth checkpointing
@@ -254,6 +261,7 @@ class _Run:
     finished: dict | None = None  # the summary of a run that already reached num_steps
     derived: dict = dataclasses.field(default_factory=dict)
     num_params: int = 0
+    config: Any = None  # the whole ConfigDict (BLEU reads its data and decode blocks)
 
     @property
     def scaling(self) -> bool:
@@ -267,6 +275,10 @@ def _setup(config, workdir: str) -> _Run:
     model_cfg = resolve_model_config(TransformerConfig.from_mapping(config.model))
     train = config.train
     check_train_config(train)
+    if train.bleu_every > 0 and model_cfg.arch != "encoder_decoder":
+        raise ConfigError(f"train.bleu_every={train.bleu_every} needs "
+                          f"model.arch='encoder_decoder' (got {model_cfg.arch!r}); set "
+                          "train.bleu_every=0")
     # Everything is validated before the workdir is created (deepnorm.training.validation).
     workdir = validation.check_workdir(workdir)
     validation.check_data(config.data)
@@ -296,7 +308,7 @@ def _setup(config, workdir: str) -> _Run:
                                                keep=train.keep_checkpoints,
                                                async_save=train.async_checkpoints)
     run = _Run(model_cfg, train, workdir, primary, mesh, data, tx, schedule, shardings,
-               graphdef, train_iter, evaluator, checkpointer)
+               graphdef, train_iter, evaluator, checkpointer, config=config)
     abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
                                             shardings)
     run.state, run.start_step = checkpointer.restore_latest(
@@ -388,6 +400,11 @@ class _Cadence:
     def synchronizes(self, step: int) -> bool:
         return self.checkpoints(step) or self.evaluates(step)
 
+    def scores_bleu(self, step: int) -> bool:
+        """Every train.bleu_every-th step and the last (never when bleu_every is 0)."""
+        every = self.train.bleu_every
+        return every > 0 and (step % every == 0 or step == self.train.num_steps)
+
 
 class _Reporter:
     """The host side of each step: divergence monitor, throughput, metrics rows, evals."""
@@ -404,7 +421,9 @@ class _Reporter:
                                     start_step=run.start_step, num_steps=train.num_steps,
                                     progress=train.progress_bar)
         self.tokens_per_step = train.batch_size * train.seq_len
-        self.loss = self.eval = self.diverged = None
+        self.loss = self.eval = self.diverged = self.bleu = None
+        self._bleu_eval = (bleu_lib.loop_bleu_eval(run.config, run.graphdef, run.data)
+                           if train.bleu_every > 0 else None)
         self._timer_start, self._timed_steps = None, 0
 
     def __call__(self, lagged) -> bool:
@@ -442,6 +461,13 @@ class _Reporter:
         """The running count of float16 overflow steps, in loss-scaled runs' metrics rows."""
         return {"overflow_steps": self.monitor.overflow_steps} if self.run.scaling else {}
 
+    def score_bleu(self, step: int, params) -> None:
+        """BLEU / chrF of greedy translations of fixed validation pairs (sacreBLEU)."""
+        self.bleu = self._bleu_eval(params)
+        self.writer.write(step, self.bleu, kind="eval")
+        self.writer.message(f"step {step}: BLEU {self.bleu['bleu']:.2f}, chrF "
+                            f"{self.bleu['chrf']:.2f}")
+
     def evaluate(self, step: int, params) -> None:
         self.eval = self.run.evaluator(params)
         self.writer.write(step, self.eval, kind="eval")
@@ -462,6 +488,7 @@ def _finish(run: _Run, reporter: _Reporter, state, step: int, preempted: str | N
         "final_eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
         "divergence": event.line() if event else None,
         "preempted": preempted,
+        "final_bleu": reporter.bleu,
         "skipped_steps": reporter.monitor.skipped_steps,
         # float16 steps dropped for overflowing gradients (the loss scale halved); null when
         # there is no loss scaling. Counted from this process's start, like skipped_steps.

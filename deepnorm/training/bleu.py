@@ -1,0 +1,87 @@
+"""BLEU and chrF with sacreBLEU, and ``bleu_eval``: translate validation sentences and score.
+
+Scores are computed on detokenized text (the decoded strings, as a user would read them) with
+sacreBLEU's defaults (13a tokenization for BLEU, chrF with character order 6, beta 2), so they
+are comparable with published sacreBLEU figures on the same references.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import sacrebleu
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """``{"bleu": .., "chrf": ..}`` (0-100) of one hypothesis per reference line."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references; "
+                         "there must be one per reference")
+    refs = [list(references)]
+    return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), refs).score),
+            "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), refs).score)}
+
+
+def bleu_eval(params, translate: Callable, sources: Sequence[str], references: Sequence[str],
+              *, batch_size: int = 16) -> dict:
+    """Translates ``sources`` with ``translate(params, list_of_str) -> list_of_str`` in batches
+    and scores them against ``references``: ``{"bleu": .., "chrf": ..}`` for the progress
+    line, metrics.jsonl, TensorBoard and summary.json."""
+    if not sources:
+        raise ValueError("bleu_eval needs at least one source sentence")
+    hypotheses: list[str] = []
+    for start in range(0, len(sources), batch_size):
+        hypotheses.extend(translate(params, list(sources[start:start + batch_size])))
+    return corpus_scores(hypotheses, references)
+
+
+def pad_batch(rows: Sequence[np.ndarray], length: int, pad_id: int = 0) -> np.ndarray:
+    """Token rows cut to ``length`` and right-padded into one int32 [B, length] array."""
+    out = np.full((len(rows), length), pad_id, np.int32)
+    for i, row in enumerate(rows):
+        row = np.asarray(row)[:length]
+        out[i, :len(row)] = row
+    return out
+
+
+def _text_until_eos(row, decode, eos_id: int) -> str:
+    row = list(np.asarray(row))
+    return decode(row[: row.index(eos_id)] if eos_id in row else row)
+
+
+def loop_bleu_eval(config, graphdef, data, *, beam_size: int = 1):
+    """``params -> {"bleu", "chrf"}`` on the first ``train.bleu_examples`` validation pairs
+    (the same ones every time), decoded with greedy search (``beam_size=1``: cheap enough to
+    run during training; ``python -m deepnorm.translate`` uses a beam) and the byte tokenizer."""
+    import jax
+
+    from deepnorm.data import tokenizer
+    from deepnorm.decoding.incremental import translate_batch
+
+    wanted = int(config.train.bleu_examples)
+    if wanted <= 0:
+        from deepnorm.config import ConfigError
+        raise ConfigError(f"train.bleu_examples={wanted} must be a positive integer")
+    iterator, inputs, references = data.iterator("eval"), [], []
+    while len(inputs) < wanted:
+        batch = next(iterator)
+        inputs.extend(np.asarray(batch["inputs"]))
+        references.extend(_text_until_eos(t, tokenizer.decode, tokenizer.EOS_ID)
+                          for t in np.asarray(batch["targets"]))
+    inputs, references = np.stack(inputs[:wanted]), references[:wanted]
+    banned = (tokenizer.PAD_ID, tokenizer.MASK_ID, tokenizer.SENTINEL_ID)
+    run = jax.jit(lambda params, x: translate_batch(
+        graphdef, params, x, beam_size=beam_size, max_steps=int(config.train.seq_len),
+        bos_id=tokenizer.EOS_ID, eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID,
+        banned_ids=banned))
+    batch_size = int(config.train.batch_size)
+
+    def translate(params, rows):
+        tokens = np.asarray(jax.device_get(run(params, pad_batch(rows, inputs.shape[1]))))
+        return [_text_until_eos(t, tokenizer.decode, tokenizer.EOS_ID) for t in tokens]
+
+    def evaluate(params) -> dict:
+        return bleu_eval(params, translate, list(inputs), references, batch_size=batch_size)
+
+    return evaluate

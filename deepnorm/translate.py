@@ -1,0 +1,267 @@
+"""``python -m deepnorm.translate``: translate text with a run's newest checkpoint.
+
+    python -m deepnorm.translate --workdir=runs/dn < sources.txt > hyps.txt
+    python -m deepnorm.translate --workdir=runs/dn --input=src.txt --beam=5 --lenpen=1.0
+    python -m deepnorm.translate --workdir=runs/dn --input=src.txt --references=ref.txt --bleu
+    python -m deepnorm.translate --workdir=runs/dn --split=test --bleu
+
+One translation per input line, in order. The model comes from ``W/config.json``, the
+parameters from the newest step in ``W/checkpoints`` (restored with orbax as the training loop
+saved them), the vocabulary from ``W/vocab/`` (a SentencePiece model) or, when the run has none,
+the byte tokenizer. ``--bleu`` prints sacreBLEU's BLEU and chrF of the translations against
+``--references`` (one line per input line) or, with ``--split``, against the split's targets.
+Exit 2 with one line on stderr for bad input (beam < 1, an empty input, no such workdir, no
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_INPUT = flags.DEFINE_string("input", None, "Source sentences, one per line (default stdin).")
+_BEAM = flags.DEFINE_integer("beam", 5, "Beam size; 1 is greedy search.")
+_LENPEN = flags.DEFINE_float("lenpen", 1.0, "Length penalty: score / length ** lenpen.")
+_MAX_LEN_A = flags.DEFINE_float("max_len_a", 1.2, "Maximum output length a * src_len + b: a.")
+_MAX_LEN_B = flags.DEFINE_integer("max_len_b", 10, "Maximum output length a * src_len + b: b.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Sentences translated at once.")
+_SPLIT = flags.DEFINE_string("split", None, "Translate this split of the run's data instead.")
+_REFERENCES = flags.DEFINE_string("references", None, "Reference translations for --bleu.")
+_BLEU = flags.DEFINE_bool("bleu", False, "Print BLEU and chrF against the references.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "With --split: the first this many pairs (0: all).")
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """One line for the user: exit 2."""
+
+
+class ByteVocabulary:
+    """The byte tokenizer (deepnorm.data.tokenizer) behind the vocabulary interface."""
+
+    def __init__(self):
+        from deepnorm.data import tokenizer
+        self._tok = tokenizer
+        self.pad_id, self.eos_id, self.bos_id = tokenizer.PAD_ID, tokenizer.EOS_ID, tokenizer.EOS_ID
+        # Masked-LM and sentinel ids are never a translation's output.
+        self.banned_ids = (tokenizer.PAD_ID, tokenizer.MASK_ID, tokenizer.SENTINEL_ID)
+
+    def encode(self, text: str):
+        return self._tok.encode(text)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(ids)
+
+
+class SentencePieceVocabulary:
+    """A SentencePiece model; EOS is also the decoder start token, as in training."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.pad_id = max(self._sp.pad_id(), 0)
+        self.eos_id = self._sp.eos_id()
+        self.bos_id = self.eos_id
+        self.banned_ids = (self.pad_id,)
+
+    def encode(self, text: str):
+        return self._sp.encode(text)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id)]
+        return self._sp.decode(ids)
+
+
+def load_vocabulary(workdir: str):
+    models = sorted(glob.glob(os.path.join(workdir, "vocab", "*.model")))
+    return SentencePieceVocabulary(models[0]) if models else ByteVocabulary()
+
+
+def load_run(workdir: str):
+    """``(config ConfigDict, TransformerConfig, graphdef, params, step)`` of the newest
+    checkpoint in ``workdir``."""
+    if not os.path.isdir(workdir):
+        raise BadInput(f"--workdir={workdir} does not exist")
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise BadInput(f"--workdir={workdir} has no config.json (not a training run)")
+    import jax
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from deepnorm.config import ConfigError, TransformerConfig
+    from deepnorm.training.optim import make_optimizer
+    from deepnorm.training.state import abstract_params, abstract_train_state
+
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        model_cfg = TransformerConfig.from_mapping(config.model.to_dict())
+    except ConfigError as err:
+        raise BadInput(f"{config_path}: {err}") from err
+    if model_cfg.arch != "encoder_decoder":
+        raise BadInput(f"{config_path} has model.arch={model_cfg.arch!r}; translation needs "
+                       "an encoder_decoder run")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
+        directory) else []
+    if not steps:
+        raise BadInput(f"no checkpoint in {directory}")
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract_train_state(model_cfg, tx, config.train.seed))
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    try:
+        restored = manager.restore(steps[-1], args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: one line
+        raise BadInput(f"cannot read checkpoint {directory}/{steps[-1]}: "
+                       f"{str(err).splitlines()[0][:200]}") from err
+    finally:
+        manager.close()
+    graphdef, _ = abstract_params(model_cfg, config.train.seed)
+    return config, model_cfg, graphdef, restored.state.params, steps[-1]
+
+
+class Translator:
+    """Batches of strings in, strings out; one compiled search per (batch, length) bucket."""
+
+    def __init__(self, graphdef, vocab, *, src_len: int, beam: int, lenpen: float,
+                 max_len_a: float, max_len_b: int):
+        import jax
+
+        from deepnorm.decoding import incremental
+        self.vocab, self.src_len = vocab, src_len
+        self.max_len_a, self.max_len_b = max_len_a, max_len_b
+
+        def run(params, inputs, max_steps):
+            return incremental.translate_batch(
+                graphdef, params, inputs, beam_size=beam, lenpen=lenpen, max_len_a=max_len_a,
+                max_len_b=max_len_b, max_steps=max_steps, bos_id=vocab.bos_id,
+                eos_id=vocab.eos_id, pad_id=vocab.pad_id, banned_ids=vocab.banned_ids)
+
+        self._run = jax.jit(run, static_argnums=2)
+
+    def __call__(self, params, sentences: list[str]) -> list[str]:
+        import numpy as np
+
+        from deepnorm.training.bleu import pad_batch
+        rows = [np.asarray(self.vocab.encode(s))[: self.src_len] for s in sentences]
+        longest = max(len(r) for r in rows) or 1
+        width = 16 * math.ceil(longest / 16)  # length buckets: few recompilations
+        max_steps = 16 * math.ceil((self.max_len_a * width + self.max_len_b) / 16)
+        tokens = np.asarray(self._run(params, pad_batch(rows, width, self.vocab.pad_id),
+                                      max_steps))
+        out = []
+        for row in tokens:
+            row = list(row)
+            row = row[: row.index(self.vocab.eos_id)] if self.vocab.eos_id in row else row
+            out.append(self.vocab.decode(row))
+        return out
+
+
+def _read_lines(path: str | None) -> list[str]:
+    if path is None:
+        lines = sys.stdin.read().splitlines()
+        where = "stdin"
+    else:
+        if not os.path.isfile(path):
+            raise BadInput(f"--input={path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        where = f"--input={path}"
+    if not lines:
+        raise BadInput(f"{where} is empty; give one source sentence per line")
+    return lines
+
+
+def split_pairs(config, split: str, limit: int) -> tuple[list[str], list[str]]:
+    """(sources, references) of a TFDS source,target split of the run's data config."""
+    from deepnorm.data import corpus
+    keys = corpus.text_keys(config.data)
+    if config.data.corpus != "tfds" or len(keys) != 2:
+        raise BadInput("--split needs a run trained on a TFDS source,target pair "
+                       f"(data.tfds_text_key like 'de,en'), not data.corpus="
+                       f"{config.data.corpus!r}; use --input and --references")
+    try:
+        source = corpus.load_source(config.data, split)
+    except (ValueError, FileNotFoundError) as err:
+        raise BadInput(f"--split={split}: {str(err).splitlines()[0]}") from err
+    n = len(source) if not limit else min(limit, len(source))
+    text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)  # noqa: E731
+    pairs = [source[i] for i in range(n)]
+    return [text(p["source"]) for p in pairs], [text(p["target"]) for p in pairs]
+
+
+def translate_main() -> None:
+    if _BEAM.value < 1:
+        raise BadInput(f"--beam={_BEAM.value} must be at least 1 (1 is greedy search)")
+    if _BATCH.value < 1:
+        raise BadInput(f"--batch_size={_BATCH.value} must be at least 1")
+    if not _MAX_LEN_A.value >= 0 or _MAX_LEN_B.value < 1:
+        raise BadInput(f"--max_len_a={_MAX_LEN_A.value} must be >= 0 and --max_len_b="
+                       f"{_MAX_LEN_B.value} >= 1")
+    if not _WORKDIR.value:
+        raise BadInput("--workdir=<training run directory> is required")
+    if _BLEU.value and not (_SPLIT.value or _REFERENCES.value):
+        raise BadInput("--bleu needs --references=FILE or --split=NAME")
+    sources = references = None
+    if not _SPLIT.value:  # read and check the input before anything slow
+        sources = _read_lines(_INPUT.value)
+        if _REFERENCES.value:
+            references = _read_lines(_REFERENCES.value)
+            if len(references) != len(sources):
+                raise BadInput(f"--references has {len(references)} lines for "
+                               f"{len(sources)} input lines")
+    config, _, graphdef, params, _ = load_run(_WORKDIR.value)
+    if _SPLIT.value:
+        sources, references = split_pairs(config, _SPLIT.value, _LIMIT.value)
+        if not sources:
+            raise BadInput(f"--split={_SPLIT.value} holds no pairs")
+    translator = Translator(graphdef, load_vocabulary(_WORKDIR.value),
+                            src_len=int(config.train.seq_len), beam=_BEAM.value,
+                            lenpen=_LENPEN.value, max_len_a=_MAX_LEN_A.value,
+                            max_len_b=_MAX_LEN_B.value)
+    hypotheses = []
+    for start in range(0, len(sources), _BATCH.value):
+        for line in translator(params, sources[start:start + _BATCH.value]):
+            hypotheses.append(line)
+            print(line, flush=True)
+    if _BLEU.value:
+        from deepnorm.training.bleu import corpus_scores
+        scores = corpus_scores(hypotheses, references)
+        print(f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f} ({len(sources)} "
+              f"sentences, beam {_BEAM.value}, lenpen {_LENPEN.value:g})", file=sys.stderr)
+
+
+def _fail(message: str) -> None:
+    print(f"deepnorm.translate: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _parse(argv):
+    try:
+        return flags.FLAGS(argv)
+    except Exception as err:  # noqa: BLE001 - absl raises several kinds for a bad flag
+        _fail(" ".join(str(err).split()) or type(err).__name__)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; input goes in --input=FILE or on stdin")
+    logging.set_verbosity(logging.WARNING)  # stdout is the translations; stderr stays short
+    try:
+        translate_main()
+    except BadInput as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)
