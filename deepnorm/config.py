@@ -83,18 +83,18 @@ class TransformerConfig:
     matmul_precision: str = "float32"
     # What jax.checkpoint keeps per layer: auto|none|full|save_dots|save_dots_no_batch. "auto"
     # is resolved by the training setup (deepnorm.training.platform): save_dots on CPU in
-    # float32, full on CPU in bfloat16 (the fastest there: benchmarks/RESULTS.md) and full on a
+    # float32, full on CPU in bfloat16 (the fastest there: docs/performance.md, "Remat policy") and full on a
     # GPU/TPU (the least memory). A model built with "auto" unresolved runs full everywhere.
     remat_policy: str = "auto"
     # False runs the layers as a Python loop: compile time grows with depth (~0.5 s a layer on
     # CPU), but there are no stacked scan buffers to fill, write and read. On the 2-core CPU that
     # was 6-10% less step time for d >= 256 encoders of 12-24 layers, no gain for the d=128
-    # configs/deepnorm.py and 8% more at d=64 x 100 (benchmarks/RESULTS.md, "the unrolled
+    # configs/deepnorm.py and 8% more at d=64 x 100 (docs/performance.md, "Depth"; "the unrolled
     # stack").
     scan_layers: bool = True
     # Layers per trip of the scan loop (jax.lax.scan's unroll). On the 2-core CPU 2 saved
     # 4-9% of the step at four of six encoder shapes x dtypes and cost 5% at d=64 in float32
-    # (benchmarks/RESULTS.md, "scan unroll"), so it is a knob, not a default. The loop body grows
+    # (docs/performance.md, "Depth"), so it is a knob, not a default. The loop body grows
     # k-fold and compile time with it (1.3x at 2), still flat in depth.
     scan_unroll: int = 1
     # None: two einsums on CPU (faster there, same maths), jax.nn.dot_product_attention's own

@@ -2,7 +2,7 @@
 
 ``deepnorm.layers`` and ``deepnorm.transformer`` call ``matmul``, ``project`` and ``attention``
 and never ask which backend they run on. What a backend needs for speed lives here, each path
-with the reason it exists and what it measured (benchmarks/RESULTS.md):
+with the reason it exists and what it measured (docs/performance.md):
 
 - ``bf16_matmul``: the bfloat16 matmul with a hand-written gradient, for the AMX units of
   recent Intel CPUs (XLA:CPU uses them only for bfloat16 dots returning float32).
@@ -75,7 +75,7 @@ def project(x: jax.Array, kernels: Sequence[jax.Array], biases: Sequence[jax.Arr
     """``tuple(matmul(x, w, dtype) + b for w, b in zip(kernels, biases))`` as one matmul.
 
     Why: one [d, 3d] matmul instead of three [d, d] ones runs closer to the matmul peak on a CPU
-    and launches a third of the kernels (benchmarks/RESULTS.md, "fused qkv"). The caller keeps
+    and launches a third of the kernels (docs/performance.md, "Process settings on CPU"). The caller keeps
     its parameters separate (each projection has its own DeepNorm gain and its own name in the
     tree); only the product is shared, by concatenating the kernels along the output axis.
     ``biases`` is None for bias-free projections. Every kernel must have the same output width.
@@ -129,7 +129,7 @@ def bf16_matmul(x: jax.Array, kernel: jax.Array, kernel_axis: int = 0) -> jax.Ar
     operands (g rounded once) into float32. Two reasons. XLA:CPU multiplies bfloat16 on the
     AMX units of recent Intel CPUs only when the dot returns float32 (1,230-1,600 GFLOP/s at
     2048^3 on a 2-core Xeon with AMX against ~275 for float32; a dot returning bfloat16 ran at
-    225-240, slower than float32: benchmarks/matmul_forms.py, benchmarks/RESULTS.md). And JAX's
+    225-240, slower than float32: benchmarks/matmul_forms.py, docs/performance.md). And JAX's
     own transpose of that dot multiplies the float32 cotangent by a bfloat16 operand, which XLA
     promotes to a float32 dot (the slow path), then rounds the gradient to bfloat16; here
     gradients come back in the inputs' dtypes.
@@ -189,7 +189,7 @@ def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=
     The same maths as ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in
     float32, masked logits set to -0.7 x float32 max, so a fully masked row is uniform), without
     its grouped-query vmap, whose extra axis and transposes cost about 2x in the backward pass
-    on XLA:CPU (benchmarks/RESULTS.md, "einsum attention"). ``attention`` uses it for
+    on XLA:CPU (docs/performance.md, "Process settings on CPU"). ``attention`` uses it for
     ``impl=None`` on CPU.
     """
     t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]

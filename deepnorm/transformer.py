@@ -288,7 +288,7 @@ def unstack_layers(tree) -> list:
     ``jnp.unstack``, not ``a[i]`` per layer: the gradient of one unstack is one stack per
     parameter, while L separate index ops make L zero-padded gradients that XLA adds up, O(L^2)
     memory traffic (d=512 x 12 float32 on CPU: 1,320 ms per step with indexing, 762 with
-    unstack; benchmarks/RESULTS.md, "the unrolled stack").
+    unstack; docs/performance.md, "Depth").
     """
     leaves, treedef = jax.tree.flatten(tree)
     columns = [jnp.unstack(leaf) for leaf in leaves]

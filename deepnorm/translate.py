@@ -16,13 +16,14 @@ checkpoint).
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import sys
 
 from absl import app, flags, logging
+
+from deepnorm.data import sentencepiece_tokenizer as spt
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _INPUT = flags.DEFINE_string("input", None, "Source sentences, one per line (default stdin).")
@@ -42,45 +43,11 @@ class BadInput(Exception):
     """One line for the user: exit 2."""
 
 
-class ByteVocabulary:
-    """The byte tokenizer (deepnorm.data.tokenizer) behind the vocabulary interface."""
-
-    def __init__(self):
-        from deepnorm.data import tokenizer
-        self._tok = tokenizer
-        self.pad_id, self.eos_id, self.bos_id = tokenizer.PAD_ID, tokenizer.EOS_ID, tokenizer.EOS_ID
-        # Masked-LM and sentinel ids are never a translation's output.
-        self.banned_ids = (tokenizer.PAD_ID, tokenizer.MASK_ID, tokenizer.SENTINEL_ID)
-
-    def encode(self, text: str):
-        return self._tok.encode(text)
-
-    def decode(self, ids) -> str:
-        return self._tok.decode(ids)
-
-
-class SentencePieceVocabulary:
-    """A SentencePiece model; EOS is also the decoder start token, as in training."""
-
-    def __init__(self, path: str):
-        import sentencepiece as spm
-        self._sp = spm.SentencePieceProcessor(model_file=path)
-        self.pad_id = max(self._sp.pad_id(), 0)
-        self.eos_id = self._sp.eos_id()
-        self.bos_id = self.eos_id
-        self.banned_ids = (self.pad_id,)
-
-    def encode(self, text: str):
-        return self._sp.encode(text)
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id)]
-        return self._sp.decode(ids)
-
-
 def load_vocabulary(workdir: str):
-    models = sorted(glob.glob(os.path.join(workdir, "vocab", "*.model")))
-    return SentencePieceVocabulary(models[0]) if models else ByteVocabulary()
+    """The run's own vocabulary: its SentencePiece model in ``W/vocab/``, else the bytes."""
+    if os.path.exists(os.path.join(workdir, spt.WORKDIR_MODEL)):
+        return spt.load_from_workdir(workdir)
+    return spt.ByteTokenizer()
 
 
 def load_run(workdir: str):

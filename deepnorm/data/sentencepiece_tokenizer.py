@@ -48,6 +48,8 @@ class ByteTokenizer:
     kind = "bytes"
     pad_id, eos_id, bos_id = byte_tokenizer.PAD_ID, byte_tokenizer.EOS_ID, byte_tokenizer.EOS_ID
     vocab_size = byte_tokenizer.VOCAB_SIZE
+    # Ids a translation never emits: padding and the masked-LM / span-corruption markers.
+    banned_ids = (byte_tokenizer.PAD_ID, byte_tokenizer.MASK_ID, byte_tokenizer.SENTINEL_ID)
 
     def encode(self, text: str | bytes) -> np.ndarray:
         return byte_tokenizer.encode(text)
@@ -67,6 +69,7 @@ class SentencePieceTokenizer:
 
     kind = "sentencepiece"
     pad_id, eos_id, bos_id, unk_id = PAD_ID, EOS_ID, BOS_ID, UNK_ID
+    banned_ids = (PAD_ID, BOS_ID)  # ids a decoder never emits (BOS only starts the target)
 
     def __init__(self, model_proto: bytes, origin: str = ""):
         self.model_proto = model_proto

@@ -45,20 +45,16 @@ def pad_batch(rows: Sequence[np.ndarray], length: int, pad_id: int = 0) -> np.nd
     return out
 
 
-def _text_until_eos(row, decode, eos_id: int) -> str:
-    row = list(np.asarray(row))
-    return decode(row[: row.index(eos_id)] if eos_id in row else row)
-
-
 def loop_bleu_eval(config, graphdef, data, *, beam_size: int = 1):
     """``params -> {"bleu", "chrf"}`` on the first ``train.bleu_examples`` validation pairs
     (the same ones every time), decoded with greedy search (``beam_size=1``: cheap enough to
-    run during training; ``python -m deepnorm.translate`` uses a beam) and the byte tokenizer."""
+    run during training; ``python -m deepnorm.translate`` uses a beam) and the run's own
+    tokenizer (``data.tokenizer``: bytes or SentencePiece), detokenized for sacreBLEU."""
     import jax
 
-    from deepnorm.data import tokenizer
     from deepnorm.decoding.incremental import translate_batch
 
+    tok = data.tokenizer
     wanted = int(config.train.bleu_examples)
     if wanted <= 0:
         from deepnorm.config import ConfigError
@@ -67,19 +63,17 @@ def loop_bleu_eval(config, graphdef, data, *, beam_size: int = 1):
     while len(inputs) < wanted:
         batch = next(iterator)
         inputs.extend(np.asarray(batch["inputs"]))
-        references.extend(_text_until_eos(t, tokenizer.decode, tokenizer.EOS_ID)
-                          for t in np.asarray(batch["targets"]))
+        references.extend(tok.decode(t) for t in np.asarray(batch["targets"]))
     inputs, references = np.stack(inputs[:wanted]), references[:wanted]
-    banned = (tokenizer.PAD_ID, tokenizer.MASK_ID, tokenizer.SENTINEL_ID)
     run = jax.jit(lambda params, x: translate_batch(
         graphdef, params, x, beam_size=beam_size, max_steps=int(config.train.seq_len),
-        bos_id=tokenizer.EOS_ID, eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID,
-        banned_ids=banned))
+        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, banned_ids=tok.banned_ids))
     batch_size = int(config.train.batch_size)
 
     def translate(params, rows):
-        tokens = np.asarray(jax.device_get(run(params, pad_batch(rows, inputs.shape[1]))))
-        return [_text_until_eos(t, tokenizer.decode, tokenizer.EOS_ID) for t in tokens]
+        tokens = np.asarray(jax.device_get(run(params, pad_batch(rows, inputs.shape[1],
+                                                                  tok.pad_id))))
+        return [tok.decode(t) for t in tokens]
 
     def evaluate(params) -> dict:
         return bleu_eval(params, translate, list(inputs), references, batch_size=batch_size)

@@ -4,7 +4,7 @@ XLA:CPU allocates each step's temporary buffers (the scan's stacked activations,
 gradient buffers) with malloc and frees them after the step. With 4 KiB pages every step then
 takes one page fault per 4 KiB it touches: 138,706 minor faults and 220 ms of kernel time per
 step of a d=256, 24-layer encoder, against 737 faults and 49 ms with glibc asking the kernel for
-transparent huge pages (benchmarks/RESULTS.md, "huge pages"). Accelerator runs allocate little
+transparent huge pages (docs/performance.md, "Process settings on CPU"). Accelerator runs allocate little
 host memory per step; the setting does them no harm.
 
 glibc reads tunables only when a process starts. Two ways to get them:

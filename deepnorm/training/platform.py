@@ -26,7 +26,7 @@ def resolve_remat_policy(name: str, backend: str | None = None, dtype: str = "fl
     save_dots). Elsewhere, full: it needs the least memory (1.6x the parameter + Adam footprint
     at 1,000 layers against 4.6x for save_dots), which is what bounds depth on an accelerator
     (a CPU measurement of XLA's buffer accounting; no GPU/TPU timing stands behind it).
-    All figures: benchmarks/RESULTS.md ("remat policy", "bfloat16").
+    All figures: docs/performance.md, "Remat policy" and "bfloat16 matmuls".
     """
     if name != "auto":
         return name
