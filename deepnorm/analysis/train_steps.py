@@ -71,5 +71,5 @@ def optimizer_config(learning_rate: float, warmup_steps: int = 0):
 
     return config_dict.ConfigDict(dict(
         learning_rate=learning_rate, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
-        warmup_steps=warmup_steps, schedule="constant", grad_clip_norm=0.0,
+        warmup_steps=warmup_steps, decay_start=0, schedule="constant", grad_clip_norm=0.0,
         label_smoothing=0.0))
