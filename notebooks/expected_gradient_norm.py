@@ -29,7 +29,7 @@
 # one (scheme, depth) is one compiled program; per-layer norms are slices of the stacked
 # parameters' gradient along the layer axis. Batches are real text from the data pipeline (the
 # span-corruption task of the offline stdlib corpus). The same measurement is
-# `python -m deepnorm.analysis grad-norms --out=DIR`.
+# `python -m deepnorm.analysis grad-norms --config.analysis.out=DIR`.
 #
 # Set `DEEPNORM_QUICK=1` to run everything on tiny grids (the test suite does).
 

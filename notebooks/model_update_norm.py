@@ -28,7 +28,7 @@
 # with Adam ($\beta = 0.9, 0.98$, no warmup) in a `lax.scan` that evaluates $F$ after every
 # step. $F$ is the model's output, the logits; $\|\Delta F\|$ is the L2 norm over the vocabulary
 # of each position's change, averaged over the positions of the fixed input (a validation
-# batch, never trained on). CLI: `python -m deepnorm.analysis update-norms --out=DIR`.
+# batch, never trained on). CLI: `python -m deepnorm.analysis update-norms --config.analysis.out=DIR`.
 
 # %%
 import os

@@ -29,7 +29,7 @@
 # learning rate (a unit test checks this against the plain optimizer). Rows run side by side
 # in two worker processes. A cell's colour is its final validation loss; × marks divergence
 # (a non-finite loss, or one above `train.max_loss`). Cells are saved one file each, so an
-# interrupted map resumes. CLI: `python -m deepnorm.analysis stability-map --out=DIR`.
+# interrupted map resumes. CLI: `python -m deepnorm.analysis stability-map --config.analysis.out=DIR`.
 
 # %%
 import json
