@@ -1,13 +1,11 @@
 """deepnorm.training.platform: the training setup resolves the platform-dependent "auto"."""
 
 import jax
-import jax.extend
-import jax.numpy as jnp
 import pytest
-from flax import nnx
 
-from deepnorm import Transformer, TransformerConfig
+from deepnorm import TransformerConfig
 from deepnorm.training.platform import resolve_model_config, resolve_remat_policy
+from test_transformer import _remat_policies_in_grad  # tests/ is on sys.path (pytest's default)
 
 
 def test_auto_remat_is_save_dots_on_cpu_in_float32_and_full_elsewhere():
@@ -31,23 +29,6 @@ def test_resolved_config_reaches_the_graph(dtype, policy):
     # Only remat_policy changes; everything else is the config as given.
     assert {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f != "remat_policy"} == \
         {f: getattr(resolved, f) for f in cfg.__dataclass_fields__ if f != "remat_policy"}
-    model = Transformer(resolved, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tokens = jnp.ones((1, 4), jnp.int32)
-
-    def loss(p):
-        return nnx.merge(graphdef, p)(tokens)[0].sum()
-
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
-    found = []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if "checkpoint" in eqn.primitive.name or "remat" in eqn.primitive.name:
-                found.append(eqn.params.get("policy"))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
+    found = _remat_policies_in_grad(resolved)
     want = jax.checkpoint_policies.dots_saveable if policy == "save_dots" else None
     assert found and all(p is want for p in found)
