@@ -63,7 +63,8 @@ def test_a_run_completes_and_the_same_command_resumes(tmp_path):
     malloc = "on" if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "") or (
         os.environ.get("DEEPNORM_HUGEPAGES") == "1" and sys.platform.startswith("linux")) \
         else "off"
-    settings = f"remat save_dots; float32 matmuls; malloc huge pages {malloc}"
+    settings = (f"remat save_dots; float32 matmuls, float32 dots at matmul_precision=float32; "
+                f"malloc huge pages {malloc}")
     assert settings in first.stderr, first.stderr[-3000:]
     again = train_py(*args)  # the same command: finds the finished run, changes nothing
     assert again.returncode == 0 and "already completed 2 steps" in again.stderr
