@@ -230,15 +230,7 @@ class Stack(nnx.Module):
             # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
-        xs = (layer_state, consts, keys)
-        if cfg.scan_layers:
-            x, stats = jax.lax.scan(body, x_BxTxD, xs, unroll=cfg.scan_unroll)
-        else:
-            x, per_layer = x_BxTxD, []
-            for layer_xs in unstack_layers(xs):
-                x, s = body(x, layer_xs)
-                per_layer.append(s)
-            stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        x, stats = run_layers(body, x_BxTxD, (layer_state, consts, keys), cfg)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, stats
@@ -268,18 +260,22 @@ class Stack(nnx.Module):
             return nnx.merge(graphdef, state).decode(x, c, layer_cache, index=index,
                                                      cross_mask=cross_mask)
 
-        xs = (layer_state, consts, cache)
-        if self.config.scan_layers:
-            x, kv = jax.lax.scan(body, x_BxTxD, xs)
-        else:
-            x, per_layer = x_BxTxD, []
-            for layer_xs in unstack_layers(xs):
-                x, c = body(x, layer_xs)
-                per_layer.append(c)
-            kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        x, kv = run_layers(body, x_BxTxD, (layer_state, consts, cache), self.config, unroll=1)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, dict(cache, **kv)  # the cross-attention keys and values pass through
+
+
+def run_layers(body, x, xs, cfg, unroll: int | None = None):
+    """``body(x, layer_xs) -> (x, y)`` over the layers: one scan (``cfg.scan_layers``) or a
+    Python loop over the unstacked arrays; returns the last x and the ys stacked [L, ...]."""
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x, xs, unroll=cfg.scan_unroll if unroll is None else unroll)
+    per_layer = []
+    for layer_xs in unstack_layers(xs):
+        x, y = body(x, layer_xs)
+        per_layer.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
 
 def unstack_layers(tree) -> list:
