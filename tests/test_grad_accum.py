@@ -39,7 +39,11 @@ def batch_for(cfg, b=8, t=8, seed=0):
 
 
 def make(cfg, label_smoothing=0.0):
-    opt = ml_collections.ConfigDict(dict(base.optimizer_config(), warmup_steps=0,
+    # Adam's first update is lr * g / (|g| + eps). With the default eps (1e-8) an element whose
+    # gradient is near zero (the key bias's is exactly zero: softmax ignores a shift shared by
+    # all keys) turns its float noise, which depends on summation order, into an update of up
+    # to lr of either sign. eps=1e-4 keeps the map smooth at noise level; it is still Adam.
+    opt = ml_collections.ConfigDict(dict(base.optimizer_config(), warmup_steps=0, eps=1e-4,
                                          schedule="constant", label_smoothing=label_smoothing))
     tx, _ = optim.make_optimizer(opt, 10)
     graphdef, st = state.create_train_state(cfg, tx, seed=0)
