@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -13,6 +16,8 @@ import tensorflow_datasets as tfds
 
 from deepnorm import data
 from deepnorm.data import corpus, pipeline, tasks, tokenizer
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 SEQ_LEN = 64
 BATCH = 4
@@ -160,6 +165,30 @@ def test_stdlib_corpus_builds_offline(tmp_path):
     assert source[paths.index("os.py")]["text"] == (root / "os.py").read_bytes()
     batch = next(_iterator(config, "causal_lm"))
     _assert_shapes(batch, config, "causal_lm")
+
+
+_BUILD_AND_COUNT = """
+import sys
+from deepnorm import data
+config = data.default_data_config()
+config.update(corpus="text_files", text_files=sys.argv[1], data_dir=sys.argv[2],
+              validation_fraction=0.25)
+print(len(data.load_source(config, "train")))
+"""
+
+
+def test_two_processes_building_one_corpus_at_once_both_get_it(text_dir, tmp_path):
+    # Without the build lock the second process's rename onto the finished build fails, or it
+    # reads a builder made before the data existed and finds no splits.
+    args = [sys.executable, "-c", _BUILD_AND_COUNT, str(text_dir / "**" / "*.txt"),
+            str(tmp_path / "tfds")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    counts = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(counts) == 1 and int(counts.pop()) > 0
 
 
 # ------------------------------------------------------------------------------ tasks

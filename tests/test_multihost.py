@@ -113,6 +113,7 @@ def test_two_processes_train_together(uninterrupted):
                                             "process_1-of-2.json"]
 
 
+@pytest.mark.slow  # two processes twice; test_preemption covers the gathered stop flag
 def test_sigterm_to_one_process_stops_both_and_the_same_command_resumes(uninterrupted,
                                                                          tmp_path):
     reference, (reference_summary, _) = uninterrupted

@@ -172,6 +172,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_bit_identically(reference, tmp_
     assert_same_losses(workdir, reference)
 
 
+@pytest.mark.slow  # SIGINT goes through the SIGTERM test's handler
 def test_sigint_is_a_clean_stop_too(tmp_path):
     workdir = str(tmp_path)
     process = start_train_py(workdir)
@@ -201,7 +202,8 @@ def damage(workdir, step, how):
         raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["truncated_arrays", "missing_iterator_state"])
+@pytest.mark.parametrize("how", ["truncated_arrays", pytest.param(
+    "missing_iterator_state", marks=pytest.mark.slow)])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, how,
                                                                     caplog):
     workdir = str(tmp_path / "run")
@@ -252,6 +254,7 @@ def test_resuming_with_other_model_shapes_is_refused_naming_the_keys(reference, 
     assert after == before  # nothing touched
 
 
+@pytest.mark.slow  # three processes; test_sharding covers the 8-device layouts themselves
 def test_restoring_onto_another_mesh_8_to_1_to_8_devices(reference, tmp_path):
     """Steps 1-4 on 8 devices (parameters and optimizer state sharded fsdp-style), 5-6 on one
     device (this process), 7-8 on 8 devices again: the losses follow the one-device run."""

@@ -222,7 +222,8 @@ def _logits_loss_grads(graphdef, params, batch):
 
 
 @pytest.mark.parametrize("arch,tied", [("decoder", True), ("encoder", False),
-                                       ("encoder_decoder", True)])
+                                       pytest.param("encoder_decoder", True,
+                                                    marks=pytest.mark.slow)])
 def test_bfloat16_compute_stays_close_to_float32_at_init(arch, tied):
     out = {}
     for dtype in ("float32", "bfloat16"):
@@ -318,6 +319,7 @@ def test_one_and_a_thousand_layers_run_forward_and_backward(layers):
     assert time.perf_counter() - t0 < 120
 
 
+@pytest.mark.slow  # the 1,000-layer decoder test covers depth in the default suite
 def test_encoder_decoder_500_500_builds_and_runs():
     """The issue's example depth (the paper's 1,000-layer model) at tiny width."""
     cfg = TransformerConfig(arch="encoder_decoder", num_encoder_layers=500,

@@ -31,13 +31,14 @@ none of its download hosts answers, ``TFDSOfflineError`` says so within seconds
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import glob as globlib
 import hashlib
 import os
 import pathlib
 import sys
 import sysconfig
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -207,15 +208,34 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
         ) from err
 
 
+def prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+    """``make_builder()``'s dataset, built once even when several processes ask at once.
+
+    Two runs (or two test workers) started together on a fresh machine would both build into
+    the same directory and the second rename fails. The build runs under an exclusive file
+    lock beside the dataset's directory; a process that waited makes its builder again, since a
+    builder made before the data existed does not read the finished build's info (TFDS's
+    "reuse" path returns without loading it).
+    """
+    builder = make_builder()
+    if builder.data_path.exists():
+        return builder
+    lock_path = pathlib.Path(f"{builder.data_dir}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = make_builder()
+        _prepare(builder)
+    return builder
+
+
 def corpus_builder(data_config) -> DeepnormCorpus:
     """Returns the embedded corpus's builder, built into ``data.data_dir`` if needed."""
-    builder = DeepnormCorpus(
+    return prepared(lambda: DeepnormCorpus(
         data_dir=_data_dir(data_config),
         config=corpus_config(data_config),
         file_format=_FILE_FORMAT,
-    )
-    _prepare(builder)
-    return builder
+    ))
 
 
 def text_keys(data_config) -> tuple[str, ...]:

@@ -80,11 +80,8 @@ def gettext_builder(data_config) -> gettext_corpus.DeepnormGettext:
     data_dir = corpus._data_dir(data_config)  # noqa: SLF001
     key = (data_dir, config.name)
     if key not in _GETTEXT_BUILDERS:
-        builder = gettext_corpus.DeepnormGettext(
-            data_dir=data_dir, config=config, file_format="array_record"
-        )
-        corpus._prepare(builder)  # noqa: SLF001 - the one array_record / offline prepare recipe
-        _GETTEXT_BUILDERS[key] = builder
+        _GETTEXT_BUILDERS[key] = corpus.prepared(lambda: gettext_corpus.DeepnormGettext(
+            data_dir=data_dir, config=config, file_format="array_record"))
     return _GETTEXT_BUILDERS[key]
 
 
