@@ -242,3 +242,13 @@ def test_every_scheme_norm_arch_and_head(residual, norm, arch, tie):
     folded, report = export.fold_norms(model)
     assert_same_outputs(model, folded)
     assert report.complete == (residual == "rezero" or (residual in FULL and not tie)), str(report)
+
+
+def test_export_page_snippet_runs():
+    """docs/export.md's example, as written (it asserts a complete fold itself)."""
+    import pathlib
+    import re
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks and "fold_norms" in blocks[0]
+    exec(compile(blocks[0], "docs/export.md", "exec"), {})
