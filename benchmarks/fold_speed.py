@@ -11,6 +11,8 @@ logits are checked equal before timing. Untied head and learned positions, so ev
 folds and centering is exact. The variants run in alternating rounds (bench_common.alternate),
 median of several; the norms are a small share of a forward pass whose time is mostly matmuls,
 so the expected gain is small, and largest at small d_model where the matmuls are cheap.
+Beside the times: the ratio of CPU time (the work, whatever else the machine runs) and of
+the bytes XLA's cost analysis says each compiled program moves.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def forward(model):
     return fn, params
 
 
+def bytes_accessed(fn, params, x) -> float:
+    """XLA's count of the bytes the compiled forward pass reads and writes: a figure of the
+    program, free of the machine's noise (the scan body counted once, as XLA counts loops)."""
+    cost = fn.lower(params, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("bytes accessed", float("nan")))
+
+
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -63,7 +73,8 @@ def main(argv=None) -> float:
           f"positions, batch {BATCH}x{SEQ}; median of {rounds} alternating rounds x {calls} "
           "forward passes")
     print(f"{'shape':<12}{'original ms':>12}{'folded ms':>11}{'+centered ms':>14}"
-          f"{'folded/orig':>13}{'centered/orig':>15}{'cpu time ratios':>18}")
+          f"{'folded/orig':>13}{'centered/orig':>15}{'cpu time ratios':>18}"
+          f"{'XLA bytes ratios':>19}")
     best = float("inf")
     for label, d, layers in shapes:
         cfg = TransformerConfig(arch="decoder", num_layers=layers, d_model=d, num_heads=4,
@@ -86,6 +97,7 @@ def main(argv=None) -> float:
                 jax.block_until_ready(out)
             return run
 
+        moved = {k: bytes_accessed(fn, params, x) for k, (fn, params) in fns.items()}
         t = bc.alternate({k: runner(*v) for k, v in fns.items()}, rounds)
         ms = {k: v.wall / calls * 1e3 for k, v in t.items()}
         r_fold, r_center = ms["folded"] / ms["original"], ms["centered"] / ms["original"]
@@ -93,7 +105,9 @@ def main(argv=None) -> float:
         print(f"{label:<12}{ms['original']:>12.2f}{ms['folded']:>11.2f}{ms['centered']:>14.2f}"
               f"{r_fold:>13.3f}{r_center:>15.3f}"
               f"{t['folded'].cpu / t['original'].cpu:>10.3f}"
-              f"{t['centered'].cpu / t['original'].cpu:>8.3f}", flush=True)
+              f"{t['centered'].cpu / t['original'].cpu:>8.3f}"
+              f"{moved['folded'] / moved['original']:>11.3f}"
+              f"{moved['centered'] / moved['original']:>8.3f}", flush=True)
     print(f"RATIO folded+centered / original forward time: best {best:.3f} "
           "(below 1: faster; outputs equal)")
     return best

@@ -152,7 +152,7 @@ def _fold_norm(owner, attr: str, readers: dict[str, Dense], site: str, report: F
     norm = getattr(owner, attr)
     if norm is None or isinstance(norm, Identity):
         return
-    if not isinstance(norm, FOLDABLE_NORMS):
+    if type(norm) not in FOLDABLE_NORMS:  # exact types: a subclass may compute otherwise
         report.remaining.append((site, f"{type(norm).__name__} has no fold rule "
                                        "(deepnorm.export.FOLDABLE_NORMS)"))
         return
