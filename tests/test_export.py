@@ -252,3 +252,13 @@ def test_export_page_snippet_runs():
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert blocks and "fold_norms" in blocks[0]
     exec(compile(blocks[0], "docs/export.md", "exec"), {})
+
+
+def test_bfloat16_model_folds_within_bfloat16_rounding():
+    """With bfloat16 matmuls the folded kernel diag(g) W is rounded where W was: the logits
+    agree to bfloat16's precision, not float32's."""
+    model = make("pre", dtype="bfloat16")
+    folded, report = export.fold_norms(model)
+    assert report.complete
+    a, b = logits(model), logits(folded)
+    assert np.abs(b - a).max() < 0.05 * np.abs(a).max()
