@@ -3,6 +3,11 @@
 All of them compute their statistics in float32 whatever the activation dtype, because a
 bfloat16 mean of squares over d_model elements loses the precision that makes very deep
 residual streams stable; the result is cast back to the input's dtype.
+
+``affine=False`` builds a norm with no gain and no bias parameters at all (DyT keeps its alpha):
+the normalization alone, for a model whose gains and biases were folded into the adjacent
+projections (``deepnorm.export.fold_norms``). Gains of 1 and biases of 0 would give the same
+outputs but still cost the multiply-add; a norm without them does not compute it.
 """
 
 from __future__ import annotations
@@ -18,35 +23,45 @@ def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
+def _gain(param: nnx.Param | None, y: jax.Array) -> jax.Array:
+    return y if param is None else y * param[...]
+
+
+def _shift(param: nnx.Param | None, y: jax.Array) -> jax.Array:
+    return y if param is None else y + param[...]
+
+
 class LayerNorm(nnx.Module):
     """y = g * (x - mean(x)) / sqrt(var(x) + eps) + b (Ba, Kiros, Hinton 2016)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+    def __init__(self, dim: int, *, eps: float = 1e-5, affine: bool = True,
+                 rngs: nnx.Rngs | None = None):
         del rngs  # deterministic init; the argument keeps every norm's signature the same
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _f32(x)
         mean = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-        y = (h - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+        y = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return _shift(self.bias, _gain(self.scale, y)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
     """y = g * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+    def __init__(self, dim: int, *, eps: float = 1e-5, affine: bool = True,
+                 rngs: nnx.Rngs | None = None):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _f32(x)
         ms = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
-        return (h * jax.lax.rsqrt(ms + self.eps) * self.scale[...]).astype(x.dtype)
+        return _gain(self.scale, h * jax.lax.rsqrt(ms + self.eps)).astype(x.dtype)
 
 
 class ScaleNorm(nnx.Module):
@@ -55,15 +70,17 @@ class ScaleNorm(nnx.Module):
     With g = sqrt(d) the output has unit RMS at initialization, like LayerNorm's.
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+    def __init__(self, dim: int, *, eps: float = 1e-5, affine: bool = True,
+                 rngs: nnx.Rngs | None = None):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(jnp.full((), math.sqrt(dim), jnp.float32), axes=())
+        self.scale = (nnx.Param(jnp.full((), math.sqrt(dim), jnp.float32), axes=())
+                      if affine else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _f32(x)
         norm = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1, keepdims=True))
-        return (self.scale[...] * h / jnp.maximum(norm, self.eps)).astype(x.dtype)
+        return _gain(self.scale, h / jnp.maximum(norm, self.eps)).astype(x.dtype)
 
 
 class DyT(nnx.Module):
@@ -74,22 +91,24 @@ class DyT(nnx.Module):
     """
 
     def __init__(self, dim: int, *, alpha_init: float = 0.5, eps: float = 0.0,
-                 rngs: nnx.Rngs | None = None):
+                 affine: bool = True, rngs: nnx.Rngs | None = None):
         del rngs, eps  # DyT has no epsilon; accepted so every norm builds the same way
+        # alpha is inside the tanh, so it is no affine parameter and affine=False keeps it.
         self.alpha = nnx.Param(jnp.full((), alpha_init, jnp.float32), axes=())
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.tanh(self.alpha[...] * _f32(x))
-        return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return _shift(self.bias, _gain(self.scale, h)).astype(x.dtype)
 
 
 class Identity(nnx.Module):
     """``norm="none"``: no normalization (T-Fixup, ReZero, plain residual stacks)."""
 
-    def __init__(self, dim: int, *, eps: float = 0.0, rngs: nnx.Rngs | None = None):
-        del dim, eps, rngs
+    def __init__(self, dim: int, *, eps: float = 0.0, affine: bool = True,
+                 rngs: nnx.Rngs | None = None):
+        del dim, eps, affine, rngs
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x
@@ -104,11 +123,12 @@ NORM_CLASSES = {
 }
 
 
-def make_norm(kind: str, dim: int, *, eps: float = 1e-5) -> nnx.Module:
-    """The norm named by ``model.norm``; unknown names are a one-line error."""
+def make_norm(kind: str, dim: int, *, eps: float = 1e-5, affine: bool = True) -> nnx.Module:
+    """The norm named by ``model.norm`` (``affine=False``: without gain and bias); unknown
+    names are a one-line error."""
     try:
         cls = NORM_CLASSES[kind]
     except KeyError:
         raise ValueError(
             f"norm {kind!r} is not one of {', '.join(NORM_CLASSES)}") from None
-    return cls(dim, eps=eps)
+    return cls(dim, eps=eps, affine=affine)
