@@ -67,6 +67,9 @@ class TransformerConfig:
     residual: str = "pre"
     init: str = "auto"
     mixln_fraction: float = 0.25  # Mix-LN: share of layers (from the bottom) that are Post-LN
+    # residual="rescaled": lambda in LN(lambda x + F(x)) (Liu et al.; 1 is Post-LN). 2 is this
+    # codebase's default, not a value from the paper.
+    skip_lambda: float = 2.0
     # QK-norm, orthogonal to the residual scheme: an RMSNorm with a learned scale over each
     # head's query and key before their dot product (deepnorm.layers.Attention).
     qk_norm: bool = False
@@ -137,7 +140,7 @@ class TransformerConfig:
         self._check_layer_counts()
         if not isinstance(self.qk_norm, bool):
             raise ConfigError(f"model.qk_norm={self.qk_norm!r} must be True or False")
-        for name in ("mixln_fraction", "dropout_rate", "norm_eps"):
+        for name in ("mixln_fraction", "dropout_rate", "norm_eps", "skip_lambda"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"model.{name}={value!r} must be a number")
@@ -145,6 +148,8 @@ class TransformerConfig:
             raise ConfigError(f"model.mixln_fraction={self.mixln_fraction!r} must be in [0, 1]")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if not self.skip_lambda > 0:
+            raise ConfigError(f"model.skip_lambda={self.skip_lambda!r} must be positive")
         if not self.norm_eps > 0:
             raise ConfigError(f"model.norm_eps={self.norm_eps!r} must be positive")
         scheme = self.scheme

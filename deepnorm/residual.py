@@ -275,3 +275,87 @@ def lnscale(x, s, c):
 
 register(Scheme("lnscale", "LN-Scaling", "#393b79", lnscale, final_norm=True,
                 constants=lambda cfg, stack, index_L: {"lnscale": 1.0 / np.sqrt(index_L)}))
+
+
+def fixup(x, s, c):
+    """R-Fixup / Fixup (Zhang, Dauphin & Ma 2019): x <- x + m * F(x + b_in) + b_out, no norm.
+
+    Scalars per branch: multiplier m = 1 and biases b_in = b_out = 0 at init; the init
+    (``model.init="fixup"``) zeroes the last projection of each branch and scales the other by
+    L^(-1/2). Fixup's scalar biases before the inner linear layer and the activation are
+    subsumed by the projections' own bias vectors (``model.use_bias``).
+    """
+    return x + s.multiplier * s.f(x + s.bias_in) + s.bias_out
+
+
+register(Scheme("fixup", "R-Fixup", "#ad494a", fixup, norm=NONE, init="fixup",
+                params=(Param("multiplier", 1.0), Param("bias_in", 0.0),
+                        Param("bias_out", 0.0))))
+
+
+def normformer(x, s, c):
+    """NormFormer (Shleifer, Weston & Ott 2021): Pre-LN plus three operations.
+
+    attention: x <- x + LN_out(Attn(LN(x))), the heads scaled by learned gamma_h before the
+    output projection; FFN: x <- lambda * x + W2 LN_in(act(W1 LN(x))), lambda learned per
+    feature (the paper's optional residual scaling, 1 at init); final LN.
+    """
+    y = s.f(s.ln(x))
+    if s.kind == ATTN:
+        return x + s.ln_out(y)
+    return s.resid_scale * x + y
+
+
+register(Scheme("normformer", "NormFormer", "#e7969c", normformer, norm_out=frozenset({ATTN}),
+                inner_norm=frozenset({FFN}), head_scale=True, final_norm=True,
+                params=(Param("resid_scale", 1.0, shape="d_model", kinds=frozenset({FFN})),)))
+
+
+def layerscale(x, s, c):
+    """LayerScale (Touvron et al. 2021, CaiT): x <- x + diag(g) F(LN(x)); final LN.
+
+    g per feature, initialized by CaiT's depth rule (``layerscale_init``).
+    """
+    return x + s.layerscale * s.f(s.ln(x))
+
+
+def layerscale_init(cfg, num_layers: int) -> float:
+    """CaiT's epsilon: 0.1 up to 18 layers, 1e-5 up to 24, 1e-6 deeper."""
+    return 0.1 if num_layers <= 18 else 1e-5 if num_layers <= 24 else 1e-6
+
+
+register(Scheme("layerscale", "LayerScale", "#6b6ecf", layerscale, final_norm=True,
+                params=(Param("layerscale", layerscale_init, shape="d_model"),)))
+
+
+def deepscale(x, s, c):
+    """DeepScaleLM's norm-preserving skip (Kedia et al. 2024): x <- lambda x + beta F(LN(x)),
+    lambda^2 + beta^2 = 1; final LN.
+
+    beta^2 = 1/B with B the stack's branches (2 per layer, 3 with cross-attention): with
+    unit-variance branch outputs the stream keeps its variance, and the embedding's share of
+    it after the stack is (1 - 1/B)^B ~ 1/e, whatever the depth.
+    """
+    return c["alpha"] * x + c["beta"] * s.f(s.ln(x))
+
+
+def _deepscale_constants(cfg, stack, index_L):
+    per_layer = 3 if (stack == "decoder" and cfg.arch == "encoder_decoder") else 2
+    beta = math.sqrt(1.0 / (per_layer * len(index_L)))
+    return {"alpha": np.full(index_L.shape, math.sqrt(1.0 - beta ** 2), np.float32),
+            "beta": np.full(index_L.shape, beta, np.float32)}
+
+
+register(Scheme("deepscale", "DeepScaleLM", "#8ca252", deepscale, final_norm=True,
+                constants=_deepscale_constants))
+
+
+def rescaled(x, s, c):
+    """Rescaled skip with LN (Liu et al. 2021, "Rethinking Skip Connection with Layer
+    Normalization"): x <- LN(lambda x + F(x)), lambda = ``model.skip_lambda``."""
+    return s.ln(c["alpha"] * x + s.f(x))
+
+
+register(Scheme("rescaled", "Rescaled-LN", "#bd9e39", rescaled,
+                constants=lambda cfg, stack, index_L: {
+                    "alpha": np.full(index_L.shape, cfg.skip_lambda, np.float32)}))

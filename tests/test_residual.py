@@ -27,6 +27,7 @@ from flax import nnx
 
 from deepnorm import Transformer, TransformerConfig
 from deepnorm.profiling import admin_initialize
+from deepnorm.residual import SCHEMES
 
 D, HEADS, FF, VOCAB = 16, 2, 32, 30
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -36,7 +37,7 @@ def make_model(residual, num_layers=4, arch="encoder", seed=0, **kw):
     layers = (dict(num_encoder_layers=num_layers, num_decoder_layers=num_layers)
               if arch == "encoder_decoder" else dict(num_layers=num_layers))
     cfg = TransformerConfig(arch=arch, d_model=D, num_heads=HEADS, d_ff=FF, vocab_size=VOCAB,
-                            norm="none" if residual == "rezero" else "layernorm",
+                            norm="layernorm" if SCHEMES[residual].uses_norm else "none",
                             residual=residual, remat_policy="none", **layers, **kw)
     return Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -293,3 +294,168 @@ def test_every_scheme_gives_a_different_output():
     for a, b in itertools.combinations(ALL_SCHEMES, 2):
         diff = np.max(np.abs(outputs[a] - outputs[b]))
         assert diff > 1e-3, f"residual={a!r} and {b!r} give the same logits (max diff {diff})"
+
+
+# The schemes declared after the refactor: each against its equation -----------------------
+
+def perturb(stack, seed=0, scale=0.3):
+    """Moves every parameter off its init, so that a zero gate, a zero last projection
+    (Fixup) or a unit scale cannot hide a term in the wrong place."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            value = np.asarray(var[...])
+            var.set_value(jnp.asarray(value + scale * rng.normal(size=value.shape), jnp.float32))
+
+
+def _stack_output_and_reference(scheme, equation, num_layers=3, arch="encoder", **kw):
+    """Runs the scanned stack of ``scheme`` and the reference built from ``equation(blk,
+    name, f, ln, ln_out, x, layer)`` applied sublayer by sublayer."""
+    model = make_model(scheme, num_layers=num_layers, arch=arch, **kw)
+    stack = model.encoder if arch == "encoder" else model.decoder
+    perturb(stack, seed=num_layers)
+    x0 = random_stream(21)
+    x = stack.input_norm(x0) if stack.input_norm is not None else x0
+    for i in range(num_layers):
+        blk = block_at(stack, i)
+        for name, f, ln, ln_out in branches(blk, causal=arch != "encoder"):
+            x = equation(blk, name, f, ln, ln_out, x, i + 1)
+    if stack.final_norm is not None:
+        x = stack.final_norm(x)
+    got, _ = stack(x0, causal=arch != "encoder")
+    return model, got, x
+
+
+def test_fixup_is_x_plus_m_f_of_x_plus_b_in_plus_b_out():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        p = lambda k: getattr(blk, f"{name}_{k}")[...]  # noqa: E731
+        return x + p("multiplier") * f(x + p("bias_in")) + p("bias_out")
+
+    model, got, want = _stack_output_and_reference("fixup", eq)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert model.encoder.final_norm is None and model.encoder.layers.ffn_norm is None
+
+
+def test_fixup_init_zeroes_each_branch_s_last_projection_so_the_stack_is_the_identity():
+    model = make_model("fixup", num_layers=3)
+    layers = model.encoder.layers
+    for dense in (layers.self_attn.out, layers.ffn.ffn_out):
+        np.testing.assert_array_equal(np.asarray(dense.kernel[...]), 0.0)
+    np.testing.assert_array_equal(np.asarray(layers.ffn_multiplier[...]), 1.0)
+    x = random_stream(22)
+    np.testing.assert_array_equal(np.asarray(model.encoder(x)[0]), np.asarray(x))
+    assert model.config.resolved_init == "fixup"
+
+
+def _normformer_attention(attn, x, causal):
+    """Multi-head attention from the raw kernels, heads scaled before the out-projection."""
+    def proj(dense, h):
+        return h @ dense.kernel[...] + dense.bias[...]
+
+    b, t, _ = x.shape
+    split = lambda a: a.reshape(b, t, HEADS, D // HEADS)  # noqa: E731
+    q, k, v = split(proj(attn.query, x)), split(proj(attn.key, x)), split(proj(attn.value, x))
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D // HEADS)
+    if causal:
+        scores = jnp.where(np.tril(np.ones((t, t), bool)), scores, -1e30)
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+    o = o * attn.head_scale[...][:, None]
+    return proj(attn.out, o.reshape(b, t, D))
+
+
+def test_normformer_adds_post_attention_ln_head_scales_ffn_ln_and_residual_scale():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        if name == "ffn":
+            return blk.ffn_resid_scale[...] * x + _manual_ffn(blk.ffn, ln(x), blk.ffn.inner_norm)
+        return x + ln_out(_normformer_attention(blk.self_attn, ln(x), causal=True))
+
+    model, got, want = _stack_output_and_reference("normformer", eq, arch="decoder")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    blk = block_at(model.decoder, 0)
+    assert blk.self_attn.inner_norm is None and blk.ffn_norm_out is None
+    assert blk.self_attn.head_scale[...].shape == (HEADS,)
+
+
+def test_layerscale_is_x_plus_g_f_ln_x_with_cait_init():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return x + getattr(blk, f"{name}_layerscale")[...] * f(ln(x))
+
+    _, got, want = _stack_output_and_reference("layerscale", eq)
+    np.testing.assert_allclose(got, want, **TOL)
+    from deepnorm.residual import layerscale_init
+    for layers, eps in ((4, 0.1), (18, 0.1), (24, 1e-5), (25, 1e-6)):
+        cfg = TransformerConfig(num_layers=layers, d_model=D, num_heads=HEADS, d_ff=FF,
+                                residual="layerscale")
+        assert layerscale_init(cfg, layers) == eps
+    init = make_model("layerscale", num_layers=4).encoder.layers.ffn_layerscale[...]
+    np.testing.assert_allclose(init, np.full((4, D), 0.1, np.float32))
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_deepscale_is_lambda_x_plus_beta_f_with_unit_sum_of_squares(arch):
+    num_layers = 3
+    beta = (1 / (2 * num_layers)) ** 0.5  # beta^2 = 1 / (branches in the stack)
+    lam = (1 - beta ** 2) ** 0.5
+
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return lam * x + beta * f(ln(x))
+
+    _, got, want = _stack_output_and_reference("deepscale", eq, num_layers, arch=arch)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_deepscale_counts_cross_attention_branches():
+    from deepnorm.initializers import layer_constants
+    cfg = make_model("deepscale", num_layers=2, arch="encoder_decoder").config
+    for stack, branches_per_layer in (("encoder", 2), ("decoder", 3)):
+        c = layer_constants(cfg, stack, 2)
+        np.testing.assert_allclose(c["beta"] ** 2, 1 / (branches_per_layer * 2), rtol=1e-6)
+        np.testing.assert_allclose(c["alpha"] ** 2 + c["beta"] ** 2, 1.0, rtol=1e-6)
+
+
+def test_rescaled_is_ln_of_lambda_x_plus_f():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return ln(3.0 * x + f(x))
+
+    _, got, want = _stack_output_and_reference("rescaled", eq, skip_lambda=3.0)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+NEW_SCHEMES = ["fixup", "normformer", "layerscale", "deepscale", "rescaled"]
+
+
+def test_new_schemes_differ_from_each_other_and_from_the_old_ones():
+    """No silent no-op: with every parameter off its init, each new scheme's logits differ
+    from every other scheme's."""
+    tokens = jnp.asarray(np.random.default_rng(13).integers(1, VOCAB, (2, 6)), jnp.int32)
+    outputs = {}
+    for scheme in ALL_SCHEMES + NEW_SCHEMES:
+        model = make_model(scheme, num_layers=2, arch="decoder")
+        perturb(model.decoder, seed=5, scale=0.1)
+        outputs[scheme] = np.asarray(model(tokens)[0])
+    for a in NEW_SCHEMES:
+        for b in ALL_SCHEMES + NEW_SCHEMES:
+            if a != b:
+                diff = np.max(np.abs(outputs[a] - outputs[b]))
+                assert diff > 1e-3, f"residual={a!r} and {b!r} give the same logits"
+
+
+def test_standalone_block_carries_its_layer_s_constants_and_gains():
+    """Block.standalone(cfg, l) is layer l of cfg's stack: DeepNorm's alpha and beta built
+    in, so block(x) needs no constants, and equals the stack's layer with the same weights."""
+    from deepnorm import Block
+    model = make_model("deepnorm", num_layers=4)
+    blk = Block.standalone(model.config, 3, rngs=nnx.Rngs(0))
+    assert blk.consts["alpha"] == pytest.approx((2 * 4) ** 0.25)
+    assert blk.consts["layer"] == 3
+    beta = (8 * 4) ** -0.25
+    kernel = np.asarray(blk.ffn.ffn_out.kernel[...])
+    assert np.std(kernel) == pytest.approx(beta * np.sqrt(2 / (FF + D)), rel=0.15)
+    x = random_stream(23)
+    stacked = block_at(model.encoder, 2)
+    nnx.update(blk, nnx.state(stacked, nnx.Param))
+    from deepnorm.initializers import layer_constants
+    consts = jax.tree.map(lambda a: a[2], layer_constants(model.config, "encoder", 4))
+    np.testing.assert_allclose(blk(x)[0], stacked(x, consts)[0], **TOL)
+    with pytest.raises(ValueError, match="Block.standalone"):
+        stacked(x)
