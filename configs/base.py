@@ -33,9 +33,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     d_model, num_heads, d_ff                 widths
     norm            layernorm | rmsnorm | scalenorm | dyt | none
     residual        post | pre | sandwich | peri | deepnorm | subln | b2t | rezero | admin |
-                    mixln | lnscale
-    init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup | dsinit
+                    mixln | lnscale | fixup | normformer | layerscale | deepscale | rescaled
+                    (deepnorm.residual declares each)
+    init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup |
+                    dsinit | fixup
     mixln_fraction  Mix-LN: share of the bottom layers that are Post-LN
+    skip_lambda     residual=rescaled: lambda in LN(lambda x + F(x))
+    qk_norm         QK-norm: RMSNorm with a learned scale on each head's queries and keys
     dropout_rate    on embeddings and every branch output
     activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
     tie_embeddings, use_bias, norm_eps
