@@ -7,6 +7,10 @@ placement, so they get a name here:
 
 ``tfixup``  T-Fixup (Huang et al. 2020): Post-LN's x + F(x) with no norm and the T-Fixup init.
 ``dsinit``  DS-Init (Zhang, Titov, Sennrich 2019): Post-LN with layer l's init scaled 1/sqrt(l).
+
+and one method is another's equation under its own name:
+
+``skipinit``  SkipInit (De & Smith 2020): x + a F(x), a = 0 at init, no norm: ReZero's equation.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ PRESETS: dict[str, dict] = {
        for name, s in DECLARED.items()},
     "tfixup": {"residual": "post", "norm": "none", "init": "tfixup"},
     "dsinit": {"residual": "post", "init": "dsinit"},
+    "skipinit": {"residual": "rezero", "norm": "none"},
 }
 # Figure colour and label of each name (declared schemes carry their own).
 COLORS = {**{name: s.color for name, s in DECLARED.items()},
-          "tfixup": "#843c39", "dsinit": "#637939"}
+          "tfixup": "#843c39", "dsinit": "#637939", "skipinit": "#dbdb8d"}
 LABELS = {**{name: s.label for name, s in DECLARED.items()},
-          "tfixup": "T-Fixup", "dsinit": "DS-Init"}
+          "tfixup": "T-Fixup", "dsinit": "DS-Init", "skipinit": "SkipInit"}
 SCHEMES = tuple(PRESETS)
 
 
