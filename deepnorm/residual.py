@@ -359,3 +359,13 @@ def rescaled(x, s, c):
 register(Scheme("rescaled", "Rescaled-LN", "#bd9e39", rescaled,
                 constants=lambda cfg, stack, index_L: {
                     "alpha": np.full(index_L.shape, cfg.skip_lambda, np.float32)}))
+
+
+def respost(x, s, c):
+    """Res-Post-LN (Liu et al. 2022, Swin Transformer V2; OLMo 2): x <- x + LN(F(x)), the
+    norm on the branch output only; final LN."""
+    return x + s.ln_out(s.f(x))
+
+
+register(Scheme("respost", "Res-Post-LN", "#5254a3", respost, norm=NONE, norm_out=BOTH,
+                final_norm=True))

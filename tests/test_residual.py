@@ -459,3 +459,12 @@ def test_standalone_block_carries_its_layer_s_constants_and_gains():
     np.testing.assert_allclose(blk(x)[0], stacked(x, consts)[0], **TOL)
     with pytest.raises(ValueError, match="Block.standalone"):
         stacked(x)
+
+
+def test_respost_is_x_plus_ln_of_f_x():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return x + ln_out(f(x))
+
+    model, got, want = _stack_output_and_reference("respost", eq)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert model.encoder.layers.ffn_norm is None and model.encoder.final_norm is not None
