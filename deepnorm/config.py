@@ -13,7 +13,8 @@ from deepnorm import residual as residual_lib
 
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "none")
-# Every residual scheme, in its declaration order (one declaration each: deepnorm.residual).
+# The residual schemes declared in deepnorm.residual, in declaration order, as of import; the
+# config checks against the live registry, so a scheme registered later is accepted too.
 RESIDUALS = tuple(residual_lib.SCHEMES)
 INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit", "fixup")
 REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
@@ -26,8 +27,6 @@ CUDNN_ATTENTION_DTYPES = ("bfloat16", "float16")
 # or the backend's fastest (TF32 on GPU, one bfloat16 pass on TPU).
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "default")
 
-# The schemes that leave an un-normalized residual stream and so need a norm after the stack.
-FINAL_NORM_RESIDUALS = frozenset(n for n, s in residual_lib.SCHEMES.items() if s.final_norm)
 
 
 class ConfigError(ValueError):
@@ -112,7 +111,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)
         _choice("norm", self.norm, NORMS)
-        _choice("residual", self.residual, RESIDUALS)
+        _choice("residual", self.residual, tuple(residual_lib.SCHEMES))
         _choice("init", self.init, INITS)
         _choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _choice("activation", self.activation, ACTIVATIONS)

@@ -110,10 +110,31 @@ class Scheme:
     constants: Callable = _no_constants
     init: str = "xavier"  # model.init="auto"
     profiled: bool = False  # needs a forward pass at init to set its parameters (Admin)
+    # Residual streams carried from layer to layer: n > 1 makes the stack's carry [n, B, T, D]
+    # (every stream starts as the embedding output) and ``merge(streams, final_norm)`` the
+    # stack's output.
+    streams: int = 1
+    merge: Callable | None = None
 
     @property
     def uses_norm(self) -> bool:
         return bool(self.norm | self.norm_out | self.inner_norm) or self.input_norm
+
+    def enter(self, x_BxTxD: Array) -> Array:
+        """The stream(s) entering the first layer."""
+        if self.streams == 1:
+            return x_BxTxD
+        return jnp.broadcast_to(x_BxTxD, (self.streams,) + x_BxTxD.shape)
+
+    def leave(self, x: Array, final_norm: Callable | None) -> Array:
+        """The stack's output from the stream(s) leaving its last layer."""
+        if self.merge is not None:
+            return self.merge(x, final_norm)
+        return x if final_norm is None else final_norm(x)
+
+    def observed(self, x: Array) -> Array:
+        """The stream the per-layer statistics describe: the first one of several."""
+        return x if self.streams == 1 else x[0]
 
     def apply(self, x: Array, sublayers: Sequence[Sublayer], c) -> list[Array]:
         """Runs one layer's sublayers; returns the stream after each sublayer."""
@@ -369,3 +390,17 @@ def respost(x, s, c):
 
 register(Scheme("respost", "Res-Post-LN", "#5254a3", respost, norm=NONE, norm_out=BOTH,
                 final_norm=True))
+
+
+def resi_dual(x, s, c):
+    """ResiDual (Xie et al. 2023): a Post-LN stream x_a and a Pre-LN-like dual stream x_d.
+
+    x_a <- LN(x_a + F(x_a)); x_d <- x_d + F(x_a) (the same branch output); both start as the
+    embedding output; the stack's output is x_a + LN_final(x_d). ``x`` is [2, B, T, D].
+    """
+    y = s.f(x[0])
+    return jnp.stack([s.ln(x[0] + y), x[1] + y])
+
+
+register(Scheme("resi_dual", "ResiDual", "#9c9ede", resi_dual, final_norm=True, streams=2,
+                merge=lambda x, final_norm: x[0] + final_norm(x[1])))

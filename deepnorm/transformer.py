@@ -172,18 +172,23 @@ class Block(nnx.Module):
     def __call__(self, x_BxTxD, consts=None, *, context_BxSxD=None, self_mask=None, cross_mask=None,
                  causal=False, dropout_key=None, token_mask_BxT=None):
         """Returns the new residual stream and a dict of per-sublayer statistics, each [S],
-        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None)."""
+        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None).
+
+        For a scheme with several streams (``Scheme.streams`` n > 1, e.g. ResiDual) the stream
+        is the stacked [n, B, T, D] (``Scheme.enter`` makes it from [B, T, D])."""
         branch_outputs: list[jax.Array] = []
         scheme, sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal,
                                             dropout_key, branch_outputs)
         states = scheme.apply(x_BxTxD, sublayers, self._consts(consts))
-        inputs = [x_BxTxD] + states[:-1]
-        w = _token_weights(x_BxTxD, token_mask_BxT)
+        # A multi-stream scheme's statistics are those of its first stream.
+        inputs = [scheme.observed(s) for s in [x_BxTxD] + states[:-1]]
+        states_seen = [scheme.observed(s) for s in states]
+        w = _token_weights(inputs[0], token_mask_BxT)
         stats = {
             "stream_in_norm": jnp.stack([_token_norm(s, w) for s in inputs]),
             "branch_norm": jnp.stack([_token_norm(y, w) for y in branch_outputs]),
             "branch_var": jnp.stack([token_var(y, token_mask_BxT) for y in branch_outputs]),
-            "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states]),
+            "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states_seen]),
         }
         return states[-1], stats
 
@@ -245,6 +250,7 @@ class Stack(nnx.Module):
             x_BxTxD = self.input_norm(x_BxTxD)
         graphdef, layer_state = nnx.split(self.layers)
         consts = layer_constants(cfg, self.name, self.num_layers)
+        scheme = cfg.scheme
         keys = (None if dropout_key is None
                 else jax.random.split(dropout_key, self.num_layers))
 
@@ -264,10 +270,8 @@ class Stack(nnx.Module):
             # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
-        x, stats = run_layers(body, x_BxTxD, (layer_state, consts, keys), cfg)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, stats
+        x, stats = run_layers(body, scheme.enter(x_BxTxD), (layer_state, consts, keys), cfg)
+        return scheme.leave(x, self.final_norm), stats
 
 
     def cross_kv(self, context_BxSxD):
@@ -294,10 +298,10 @@ class Stack(nnx.Module):
             return nnx.merge(graphdef, state).decode(x, c, layer_cache, index=index,
                                                      cross_mask=cross_mask)
 
-        x, kv = run_layers(body, x_BxTxD, (layer_state, consts, cache), self.config, unroll=1)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, dict(cache, **kv)  # the cross-attention keys and values pass through
+        scheme = self.config.scheme
+        x, kv = run_layers(body, scheme.enter(x_BxTxD), (layer_state, consts, cache), self.config,
+                           unroll=1)
+        return scheme.leave(x, self.final_norm), dict(cache, **kv)  # the cross-attention keys and values pass through
 
 
 def run_layers(body, x, xs, cfg, unroll: int | None = None):
