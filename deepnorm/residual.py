@@ -66,21 +66,27 @@ class Param:
     """An extra learned parameter of every sublayer of ``kinds``, named ``{sublayer}_{name}``
     in the block (``self_attn_gate``, ``ffn_omega``).
 
-    ``init`` is a number or ``init(cfg, num_layers) -> number`` (``num_layers``: the stack's);
-    ``shape`` is ``"scalar"`` or ``"d_model"`` (one value per feature).
+    ``init`` is a number or ``init(cfg, num_layers, position) -> number or array``
+    (``num_layers``: the stack's; ``position``: the sublayer's 0-based place in the stack,
+    traced while the stacked layers are built); ``shape`` is ``"scalar"``, ``"d_model"`` (one
+    value per feature) or a tuple of sizes.
     """
 
     name: str
-    init: float | Callable[[Any, int], float]
-    shape: str = "scalar"
+    init: float | Callable[..., Any]
+    shape: str | tuple[int, ...] = "scalar"
     kinds: frozenset = BOTH
 
-    def value(self, cfg, num_layers: int) -> tuple[Array, tuple]:
+    def value(self, cfg, num_layers: int, position=0) -> tuple[Array, tuple]:
         """The initial array and its logical axes."""
-        v = self.init(cfg, num_layers) if callable(self.init) else self.init
+        v = self.init(cfg, num_layers, position) if callable(self.init) else self.init
         if self.shape == "scalar":
-            return jnp.full((), v, jnp.float32), ()
-        return jnp.full((cfg.d_model,), v, jnp.float32), ("norm",)
+            shape, axes = (), ()
+        elif self.shape == "d_model":
+            shape, axes = (cfg.d_model,), ("norm",)
+        else:
+            shape, axes = tuple(self.shape), (None,) * len(self.shape)
+        return jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape), axes
 
 
 def _no_constants(cfg, stack: str, index_L: np.ndarray) -> dict:
@@ -340,7 +346,7 @@ def layerscale(x, s, c):
     return x + s.layerscale * s.f(s.ln(x))
 
 
-def layerscale_init(cfg, num_layers: int) -> float:
+def layerscale_init(cfg, num_layers: int, position=None) -> float:
     """CaiT's epsilon: 0.1 up to 18 layers, 1e-5 up to 24, 1e-6 deeper."""
     return 0.1 if num_layers <= 18 else 1e-5 if num_layers <= 24 else 1e-6
 
@@ -404,3 +410,29 @@ def resi_dual(x, s, c):
 
 register(Scheme("resi_dual", "ResiDual", "#9c9ede", resi_dual, final_norm=True, streams=2,
                 merge=lambda x, final_norm: x[0] + final_norm(x[1])))
+
+
+HYPER_STREAMS = 4  # n, the expansion rate: 4 residual streams
+
+
+def hyper(x, s, c):
+    """Hyper-connections (Zhu et al. 2024), static: n streams H [n, B, T, D] per position.
+
+    h = sum_i a_i H_i; y = F(LN(h)); H_j <- sum_i A_ij H_i + b_j y. At init a is the one-hot
+    e_(k mod n) of the sublayer's place k in the stack, A = I, b = 1 (Pre-LN while the streams
+    are equal); every stream starts as the embedding output; the stack's output is
+    LN_final(sum_i H_i).
+    """
+    h = jnp.einsum("n,nbtd->btd", s.width, x)
+    y = s.f(s.ln(h))
+    return jnp.einsum("nm,nbtd->mbtd", s.mix, x) + s.depth[:, None, None, None] * y
+
+
+register(Scheme(
+    "hyper", "Hyper-connections", "#cedb9c", hyper, final_norm=True, streams=HYPER_STREAMS,
+    merge=lambda x, final_norm: final_norm(jnp.sum(x, axis=0)),
+    params=(Param("width", lambda cfg, layers, k: jax.nn.one_hot(
+                jnp.asarray(k).astype(jnp.int32) % HYPER_STREAMS, HYPER_STREAMS), shape=(HYPER_STREAMS,)),
+            Param("mix", tuple(map(tuple, np.eye(HYPER_STREAMS))),
+                  shape=(HYPER_STREAMS, HYPER_STREAMS)),
+            Param("depth", 1.0, shape=(HYPER_STREAMS,)))))

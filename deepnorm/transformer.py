@@ -113,13 +113,15 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, scaled, inner_norm=FFN in scheme.inner_norm, rngs=rngs)
         num_layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
         norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
-        for name in self.sublayer_names:
+        count = len(self.sublayer_names)
+        for i, name in enumerate(self.sublayer_names):
             kind = sublayer_kind(name)
             setattr(self, f"{name}_norm", norm() if kind in scheme.norm else None)
             setattr(self, f"{name}_norm_out", norm() if kind in scheme.norm_out else None)
             for p in scheme.params:
                 if kind in p.kinds:
-                    value, axes = p.value(cfg, num_layers)
+                    position = (layer_index - 1) * count + i  # the sublayer's place in the stack
+                    value, axes = p.value(cfg, num_layers, position)
                     setattr(self, f"{name}_{p.name}", nnx.Param(value, axes=axes))
 
     @classmethod

@@ -496,3 +496,40 @@ def test_resi_dual_scanned_equals_unrolled_and_gradients_agree():
     g_scan, g_loop = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
     for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_hyper_connections_mix_n_streams_by_their_definition():
+    """h = sum_i a_i H_i; H_j <- sum_i A_ij H_i + b_j F(LN(h)); output LN(sum_i H_i)."""
+    model = make_model("hyper", num_layers=3, arch="decoder")
+    stack = model.decoder
+    init = block_at(stack, 1)  # layer 2: its sublayers are places 2 and 3 of the stack
+    np.testing.assert_array_equal(init.self_attn_width[...], np.eye(4)[2])
+    np.testing.assert_array_equal(init.ffn_width[...], np.eye(4)[3])
+    np.testing.assert_array_equal(init.ffn_mix[...], np.eye(4))
+    np.testing.assert_array_equal(init.ffn_depth[...], np.ones(4))
+    perturb(stack, seed=9)
+    x0 = random_stream(26)
+    streams = np.stack([np.asarray(x0)] * 4)
+    for i in range(3):
+        blk = block_at(stack, i)
+        for name, f, ln, _ in branches(blk, causal=True):
+            a, mix, b = (np.asarray(getattr(blk, f"{name}_{k}")[...])
+                         for k in ("width", "mix", "depth"))
+            y = np.asarray(f(ln(jnp.asarray(np.tensordot(a, streams, 1)))))
+            streams = np.einsum("ij,ibtd->jbtd", mix, streams) + b[:, None, None, None] * y
+    got, _ = stack(x0, causal=True)
+    want = stack.final_norm(jnp.asarray(streams.sum(0)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_hyper_connections_at_init_are_pre_ln_and_scan_equals_unrolled():
+    tokens = jnp.asarray(np.random.default_rng(27).integers(1, VOCAB, (2, 6)), jnp.int32)
+    hyper = make_model("hyper", num_layers=3, arch="decoder")
+    pre = make_model("pre", num_layers=3, arch="decoder")
+    # Same seed, same weights: with equal streams, A = I and b = 1, every stream is Pre-LN's
+    # and LN(4 x) = LN(x) up to eps.
+    np.testing.assert_allclose(hyper(tokens)[0], pre(tokens)[0], rtol=1e-4, atol=1e-4)
+    perturb(hyper.decoder, seed=10, scale=0.1)
+    unrolled = make_model("hyper", num_layers=3, arch="decoder", scan_layers=False)
+    nnx.update(unrolled, nnx.state(hyper, nnx.Param))
+    np.testing.assert_allclose(hyper(tokens)[0], unrolled(tokens)[0], **TOL)
