@@ -533,3 +533,17 @@ def test_hyper_connections_at_init_are_pre_ln_and_scan_equals_unrolled():
     unrolled = make_model("hyper", num_layers=3, arch="decoder", scan_layers=False)
     nnx.update(unrolled, nnx.state(hyper, nnx.Param))
     np.testing.assert_allclose(hyper(tokens)[0], unrolled(tokens)[0], **TOL)
+
+
+@pytest.mark.parametrize("scheme", ["resi_dual", "hyper"])
+def test_multi_stream_stack_traces_one_layer_whatever_the_depth(scheme):
+    """The streams are one scan carry: the traced forward has the same equations at 2 and 12
+    layers (benchmarks/depth_compile.py --residual measures the compile time)."""
+    def equations(num_layers):
+        model = nnx.eval_shape(lambda: make_model(scheme, num_layers=num_layers, arch="decoder"))
+        graphdef, state = nnx.split(model)
+        tokens = jnp.ones((2, 6), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens)[0])(state)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert equations(2) == equations(12)
