@@ -170,10 +170,6 @@ def get(name: str) -> Scheme:
     return SCHEMES[name]
 
 
-def _stack_layers(cfg, stack: str) -> int:
-    return cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
-
-
 # The schemes ------------------------------------------------------------------------------
 
 

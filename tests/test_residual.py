@@ -548,3 +548,12 @@ def test_multi_stream_stack_traces_one_layer_whatever_the_depth(scheme):
         return len(jaxpr.jaxpr.eqns)
 
     assert equations(2) == equations(12)
+
+
+def test_register_refuses_a_taken_name_and_a_scheme_without_one_equation():
+    from deepnorm.residual import Scheme, register
+    with pytest.raises(ValueError, match="'pre' is already registered"):
+        register(Scheme("pre", "Pre-LN", "#000000", lambda x, s, c: x))
+    with pytest.raises(ValueError, match="exactly one of step and layer"):
+        register(Scheme("neither", "Neither", "#000000"))
+    assert "neither" not in SCHEMES
