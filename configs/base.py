@@ -32,9 +32,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     num_encoder_layers, num_decoder_layers   N and M of encoder_decoder; else 0
     d_model, num_heads, d_ff                 widths
     norm            layernorm | rmsnorm | scalenorm | dyt | none
-    residual        post | pre | sandwich | peri | deepnorm | subln | b2t | rezero | admin |
-                    mixln | lnscale | fixup | normformer | layerscale | deepscale | rescaled
-                    (deepnorm.residual declares each)
+    residual        a scheme declared in deepnorm.residual (post, pre, deepnorm, ...; the
+                    README's table lists them all)
     init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup |
                     dsinit | fixup
     mixln_fraction  Mix-LN: share of the bottom layers that are Post-LN
