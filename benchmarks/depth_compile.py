@@ -22,6 +22,8 @@ depth whose compile exceeds ``--unrolled-limit`` seconds.
     python benchmarks/depth_compile.py            # 12, 100, 1000 scanned; 12, 24, 48, 96 unrolled
     python benchmarks/depth_compile.py --quick    # 12, 100 scanned; 12, 24 unrolled
     python benchmarks/depth_compile.py --unroll 2 --unrolled-depths=   # 2 layers per loop trip
+    python benchmarks/depth_compile.py --residual hyper --depths 12,100 --unrolled-depths= \
+        --repeats 1   # a multi-stream scheme's carry ([4, B, T, D]) keeps compile time flat
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from deepnorm import TransformerConfig
+from deepnorm.residual import SCHEMES
 from deepnorm.training.state import create_train_state
 from deepnorm.training.steps import make_train_step
 
@@ -65,10 +68,11 @@ def abstract_step_args(cfg: TransformerConfig):
     return graphdef, tx, state, batch
 
 
-def compile_seconds(num_layers: int, scan: bool,
-                    unroll: int = 1) -> tuple[float, float, float]:
+def compile_seconds(num_layers: int, scan: bool, unroll: int = 1,
+                    residual: str = "deepnorm") -> tuple[float, float, float]:
     """(lowering s, XLA compile s, process CPU s of both) of one training step, cold."""
-    cfg = TransformerConfig(arch="decoder", num_layers=num_layers, residual="deepnorm",
+    norm = "layernorm" if SCHEMES[residual].uses_norm else "none"
+    cfg = TransformerConfig(arch="decoder", num_layers=num_layers, residual=residual, norm=norm,
                             scan_layers=scan, scan_unroll=unroll if scan else 1, **WIDTH)
     graphdef, tx, state, batch = abstract_step_args(cfg)
     jax.clear_caches()
@@ -81,14 +85,14 @@ def compile_seconds(num_layers: int, scan: bool,
 
 
 def measure(depths, scan: bool, repeats: int, limit: float | None = None,
-            unroll: int = 1) -> dict[int, tuple[float, float]]:
+            unroll: int = 1, residual: str = "deepnorm") -> dict[int, tuple[float, float]]:
     """Median total compile seconds per depth, depths alternated round by round. With
     ``limit``, the first (ascending) round stops at the first depth slower than ``limit``."""
     samples: dict[int, list[tuple[float, float, float]]] = {}
     active = list(depths)
     for r in range(repeats):
         for depth in (active if r % 2 == 0 else active[::-1]):
-            low, comp, cpu = compile_seconds(depth, scan, unroll)
+            low, comp, cpu = compile_seconds(depth, scan, unroll, residual)
             samples.setdefault(depth, []).append((low, comp, cpu))
             print(f"#   {'scan' if scan else 'unrolled'} {depth} layers, round {r + 1}: "
                   f"{low + comp:.2f} s", file=sys.stderr, flush=True)
@@ -121,6 +125,8 @@ def main(argv=None) -> None:
                         help="alternating rounds; each depth reports its median")
     parser.add_argument("--unroll", type=int, default=1,
                         help="model.scan_unroll of the scanned stack (layers per loop trip)")
+    parser.add_argument("--residual", default="deepnorm", choices=tuple(SCHEMES),
+                        help="model.residual (multi-stream schemes: resi_dual, hyper)")
     parser.add_argument("--quick", action="store_true",
                         help="12,100 scanned and 12,24 unrolled, one repeat")
     args = parser.parse_args(argv)
@@ -132,14 +138,16 @@ def main(argv=None) -> None:
     print(machine_line())
     print(f"# {' '.join(sys.argv)}")
     print(f"# train step (make_train_step: fwd + bwd + adam + per-layer diagnostics), decoder, "
-          f"residual=deepnorm, d_model={WIDTH['d_model']}, heads={WIDTH['num_heads']}, "
+          f"residual={args.residual}, d_model={WIDTH['d_model']}, heads={WIDTH['num_heads']}, "
           f"d_ff={WIDTH['d_ff']}, batch {BATCH}x{SEQ}; scan_unroll={args.unroll}; median of "
           f"{args.repeats} alternating "
           "round(s)")
     print("| stack    | layers | lower s | compile s | total s |   cpu s |")
     print("|----------|-------:|--------:|----------:|--------:|--------:|")
-    scanned = measure(depths, scan=True, repeats=args.repeats, unroll=args.unroll)
-    anchor = measure(unrolled, scan=False, repeats=args.repeats, limit=args.unrolled_limit)
+    scanned = measure(depths, scan=True, repeats=args.repeats, unroll=args.unroll,
+                      residual=args.residual)
+    anchor = measure(unrolled, scan=False, repeats=args.repeats, limit=args.unrolled_limit,
+                     residual=args.residual)
 
     def ratio(table, a, b):
         return (f"{table[a][0] / table[b][0]:.2f} wall, {table[a][1] / table[b][1]:.2f} cpu")

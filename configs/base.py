@@ -32,10 +32,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     num_encoder_layers, num_decoder_layers   N and M of encoder_decoder; else 0
     d_model, num_heads, d_ff                 widths
     norm            layernorm | rmsnorm | scalenorm | dyt | none
-    residual        post | pre | sandwich | peri | deepnorm | subln | b2t | rezero | admin |
-                    mixln | lnscale
-    init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup | dsinit
+    residual        a scheme declared in deepnorm.residual (post, pre, deepnorm, ...; the
+                    README's table lists them all)
+    init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup |
+                    dsinit | fixup
     mixln_fraction  Mix-LN: share of the bottom layers that are Post-LN
+    skip_lambda     residual=rescaled: lambda in LN(lambda x + F(x))
+    qk_norm         QK-norm: RMSNorm with a learned scale on each head's queries and keys
     dropout_rate    on embeddings and every branch output
     activation      gelu | relu;  positions: sinusoidal | learned;  max_len (learned only)
     tie_embeddings, use_bias, norm_eps

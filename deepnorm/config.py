@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from deepnorm import residual as residual_lib
+
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "none")
-RESIDUALS = (
-    "post", "pre", "sandwich", "peri", "deepnorm", "subln", "b2t", "rezero", "admin", "mixln",
-    "lnscale",
-)
-INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit")
+# The residual schemes declared in deepnorm.residual, in declaration order, as of import; the
+# config checks against the live registry, so a scheme registered later is accepted too.
+RESIDUALS = tuple(residual_lib.SCHEMES)
+INITS = ("auto", "xavier", "deepnorm", "subln", "tfixup", "dsinit", "fixup")
 REMAT_POLICIES = ("auto", "none", "full", "save_dots", "save_dots_no_batch")
 ACTIVATIONS = ("gelu", "relu")
 POSITIONS = ("sinusoidal", "learned")
@@ -26,8 +27,6 @@ CUDNN_ATTENTION_DTYPES = ("bfloat16", "float16")
 # or the backend's fastest (TF32 on GPU, one bfloat16 pass on TPU).
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "default")
 
-# The schemes that leave an un-normalized residual stream and so need a norm after the stack.
-FINAL_NORM_RESIDUALS = frozenset({"pre", "sandwich", "peri", "subln", "mixln", "lnscale"})
 
 
 class ConfigError(ValueError):
@@ -49,9 +48,10 @@ class TransformerConfig:
     """Shape, normalization, residual placement and initialization of a Transformer.
 
     Normalization is three orthogonal choices: the norm function (``norm``), where it sits
-    around the residual (``residual``), and how the weights are initialized (``init``;
-    ``"auto"`` picks DeepNorm's derived init for ``residual="deepnorm"``, Magneto's for
-    ``"subln"``, and Xavier otherwise).
+    around the residual (``residual``, one declaration per scheme in ``deepnorm.residual``),
+    and how the weights are initialized (``init``; ``"auto"`` picks the scheme's own: DeepNorm's
+    derived init for ``residual="deepnorm"``, Magneto's for ``"subln"``, Fixup's for
+    ``"fixup"``, Xavier otherwise).
     """
 
     arch: str = "decoder"  # encoder | decoder | encoder_decoder
@@ -66,6 +66,12 @@ class TransformerConfig:
     residual: str = "pre"
     init: str = "auto"
     mixln_fraction: float = 0.25  # Mix-LN: share of layers (from the bottom) that are Post-LN
+    # residual="rescaled": lambda in LN(lambda x + F(x)) (Liu et al.; 1 is Post-LN). 2 is this
+    # codebase's default, not a value from the paper.
+    skip_lambda: float = 2.0
+    # QK-norm, orthogonal to the residual scheme: an RMSNorm with a learned scale over each
+    # head's query and key before their dot product (deepnorm.layers.Attention).
+    qk_norm: bool = False
     dropout_rate: float = 0.0  # on embeddings and on every branch output before its add
     activation: str = "gelu"
     positions: str = "sinusoidal"
@@ -105,7 +111,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)
         _choice("norm", self.norm, NORMS)
-        _choice("residual", self.residual, RESIDUALS)
+        _choice("residual", self.residual, tuple(residual_lib.SCHEMES))
         _choice("init", self.init, INITS)
         _choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _choice("activation", self.activation, ACTIVATIONS)
@@ -131,7 +137,9 @@ class TransformerConfig:
                 f"model.d_model={self.d_model} is not divisible by model.num_heads="
                 f"{self.num_heads}")
         self._check_layer_counts()
-        for name in ("mixln_fraction", "dropout_rate", "norm_eps"):
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"model.qk_norm={self.qk_norm!r} must be True or False")
+        for name in ("mixln_fraction", "dropout_rate", "norm_eps", "skip_lambda"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"model.{name}={value!r} must be a number")
@@ -139,16 +147,21 @@ class TransformerConfig:
             raise ConfigError(f"model.mixln_fraction={self.mixln_fraction!r} must be in [0, 1]")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if not self.skip_lambda > 0:
+            raise ConfigError(f"model.skip_lambda={self.skip_lambda!r} must be positive")
         if not self.norm_eps > 0:
             raise ConfigError(f"model.norm_eps={self.norm_eps!r} must be positive")
-        if self.residual == "rezero" and self.norm != "none":
+        scheme = self.scheme
+        if not scheme.uses_norm and self.norm != "none":
             raise ConfigError(
-                f"model.residual='rezero' uses no normalization but model.norm={self.norm!r}; "
-                "set model.norm='none'")
-        if self.residual != "rezero" and self.norm == "none" and self.residual != "post":
+                f"model.residual={self.residual!r} uses no normalization but "
+                f"model.norm={self.norm!r}; set model.norm='none'")
+        if scheme.uses_norm and self.norm == "none" and not scheme.norm_optional:
+            allowed = [n for n, s in residual_lib.SCHEMES.items()
+                       if s.norm_optional or not s.uses_norm]
             raise ConfigError(
-                f"model.norm='none' only makes sense with residual 'post' (x + F(x), e.g. for "
-                f"T-Fixup) or 'rezero', not {self.residual!r}")
+                f"model.norm='none' only makes sense with residual {', '.join(allowed)} "
+                f"(x + F(x) for T-Fixup, or a scheme with no norm), not {self.residual!r}")
 
     def _check_layer_counts(self) -> None:
         if self.arch == "encoder_decoder":
@@ -191,7 +204,12 @@ class TransformerConfig:
         """The init actually used: ``"auto"`` follows the residual scheme's own paper."""
         if self.init != "auto":
             return self.init
-        return {"deepnorm": "deepnorm", "subln": "subln"}.get(self.residual, "xavier")
+        return self.scheme.init
+
+    @property
+    def scheme(self) -> residual_lib.Scheme:
+        """The residual scheme's declaration (``deepnorm.residual``)."""
+        return residual_lib.SCHEMES[self.residual]
 
     @property
     def head_dim(self) -> int:

@@ -102,12 +102,32 @@ def tfixup_scale(stack: str, num_layers: int) -> float:
     return (9 * num_layers) ** -0.25
 
 
+def fixup_branches(cfg: TransformerConfig) -> int:
+    """L in Fixup: the residual branches of the whole network (2 per encoder layer, 2 per
+    decoder-only layer, 3 per decoder layer of encoder_decoder)."""
+    cross = 1 if cfg.arch == "encoder_decoder" else 0
+    return 2 * cfg.encoder_layers + (2 + cross) * cfg.decoder_layers
+
+
+def fixup_gains(cfg: TransformerConfig) -> dict[str, float]:
+    """Fixup (Zhang, Dauphin & Ma 2019) per role: the last projection of each branch is zero
+    (``out``, ``ffn_out``), the other weight layer of the branch (``value``, ``ffn_in``) is
+    scaled by L^(-1/(2m-2)) with m = 2 layers per branch, i.e. L^(-1/2).
+
+    Attention counts as m = 2 (value then out): query and key only set the mixing weights, not
+    the size of what is added to the stream, so they keep gain 1, as in DeepNorm's init.
+    """
+    m = 2
+    scale = fixup_branches(cfg) ** (-1.0 / (2 * m - 2))
+    return {"query": 1.0, "key": 1.0, "value": scale, "out": 0.0, "ffn_in": scale,
+            "ffn_out": 0.0}
+
+
 def residual_alpha(cfg: TransformerConfig, stack: str) -> float:
-    """The weight of the residual stream in ``x <- norm(alpha * x + F(x))``: 1 except DeepNorm."""
-    if cfg.residual != "deepnorm":
-        return 1.0
-    coeffs = deepnorm_coefficients(cfg.arch, cfg.encoder_layers, cfg.decoder_layers)
-    return coeffs[stack][0]
+    """The weight of the residual stream in layer 1 (``c["alpha"]``): DeepNorm's alpha for
+    DeepNorm, 1 where a scheme does not weight it."""
+    layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
+    return float(layer_constants(cfg, stack, layers)["alpha"][0])
 
 
 def role_gains(cfg: TransformerConfig, stack: str) -> dict[str, float]:
@@ -123,6 +143,8 @@ def role_gains(cfg: TransformerConfig, stack: str) -> dict[str, float]:
     elif init == "tfixup":
         layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
         scale = tfixup_scale(stack, layers)
+    elif init == "fixup":
+        return fixup_gains(cfg)
     else:  # pragma: no cover - TransformerConfig validates init
         raise ConfigError(f"model.init={init!r} is unknown")
     gains.update(dict.fromkeys(BRANCH_ROLES, scale))
@@ -152,23 +174,37 @@ def xavier_normal(key: jax.Array, shape: tuple[int, int], gain: jax.Array | floa
     return (gain * std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+# The constants every layer carries, whatever its scheme, so that a scheme's equation can read
+# them unconditionally; a scheme's own ``constants`` override these defaults or add keys.
+DEFAULT_CONSTANTS = {"alpha": 1.0, "lnscale": 1.0, "is_post": False}
+
+
 def layer_constants(cfg: TransformerConfig, stack: str, num_layers: int) -> dict[str, jax.Array]:
     """Everything about a layer that depends on its index, as arrays scanned with the weights.
 
+    ``layer``      the 1-based layer index
     ``alpha``      residual weight (DeepNorm's alpha, else 1)
     ``lnscale``    LayerNorm-Scaling's 1/sqrt(l) (Sun et al. 2025), else 1
     ``is_post``    Mix-LN: True for the first round(fraction * L) layers (Post-LN), else Pre-LN
-    ``layer``      the 1-based layer index
+    and whatever else the scheme declares (``deepnorm.residual.Scheme.constants``).
     """
     index = np.arange(1, num_layers + 1, dtype=np.float32)
-    lnscale = 1.0 / np.sqrt(index) if cfg.residual == "lnscale" else np.ones_like(index)
-    num_post = round(cfg.mixln_fraction * num_layers)
-    return {
-        "alpha": jnp.full((num_layers,), residual_alpha(cfg, stack), jnp.float32),
-        "lnscale": jnp.asarray(lnscale),
-        "is_post": jnp.asarray(np.arange(num_layers) < num_post),
-        "layer": jnp.asarray(index),
-    }
+    out = {name: np.full((num_layers,), value) for name, value in DEFAULT_CONSTANTS.items()}
+    out.update(cfg.scheme.constants(cfg, stack, index))
+    out["layer"] = index
+    return {name: jnp.asarray(value, jnp.bool_ if value.dtype == bool else jnp.float32)
+            for name, value in out.items()}
+
+
+def block_constants(cfg: TransformerConfig, stack: str, layer_index: int) -> dict:
+    """Layer ``layer_index`` (1-based) of ``stack``'s constants as Python scalars: what a
+    ``Block`` used on its own carries."""
+    layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
+    if not 1 <= layer_index <= layers:
+        raise ConfigError(f"layer_index={layer_index} is not in 1..{layers}, the layers of "
+                          f"cfg's {stack}")
+    consts = layer_constants(cfg, stack, layers)
+    return {name: np.asarray(value[layer_index - 1]).item() for name, value in consts.items()}
 
 
 def describe(cfg: TransformerConfig) -> Mapping[str, float]:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from deepnorm import ops
 from deepnorm.initializers import xavier_normal
-from deepnorm.norms import make_norm
+from deepnorm.norms import RMSNorm, make_norm
 
 
 class Dense(nnx.Module):
@@ -52,10 +52,14 @@ class Attention(nnx.Module):
 
     Separate projections because DeepNorm initializes them differently (gain 1 for query and
     key, beta for value and output). ``inner_norm`` is SubLN's extra norm on the concatenated
-    heads, just before the output projection.
+    heads, just before the output projection; ``head_scale`` NormFormer's learned scalar per
+    head (1 at init) at the same place. ``cfg.qk_norm``: QK-norm, an RMSNorm over each head's
+    query and key vector (learned per-dimension scale, shared by the heads) before the dot
+    product, so no logit exceeds sqrt(head_dim) times the scales at init.
     """
 
-    def __init__(self, cfg, gains: dict, *, inner_norm: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, gains: dict, *, inner_norm: bool, head_scale: bool = False,
+                 rngs: nnx.Rngs):
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, precision=cfg.matmul_precision)
         self.num_heads, self.impl, self.dtype = cfg.num_heads, cfg.attention_impl, dtype
@@ -65,6 +69,24 @@ class Attention(nnx.Module):
         self.value = Dense(d, d, gain=gains["value"], axes=("embed", "heads"), **kw)
         self.out = Dense(d, d, gain=gains["out"], axes=("heads", "embed"), **kw)
         self.inner_norm = make_norm(cfg.norm, d, eps=cfg.norm_eps) if inner_norm else None
+        self.head_scale = (nnx.Param(jnp.ones((cfg.num_heads,), jnp.float32), axes=(None,))
+                           if head_scale else None)
+        qk = lambda: RMSNorm(d // cfg.num_heads, eps=cfg.norm_eps)  # noqa: E731
+        self.query_norm, self.key_norm = (qk(), qk()) if cfg.qk_norm else (None, None)
+
+    def _normed(self, norm, x_BxTxHxK):
+        return x_BxTxHxK if norm is None else norm(x_BxTxHxK)
+
+    def _mix_heads(self, o_BxTxHxK: jax.Array) -> jax.Array:
+        """The heads, concatenated and projected out (with the scheme's head scales and inner
+        norm first)."""
+        b, t, h, k = o_BxTxHxK.shape
+        if self.head_scale is not None:
+            o_BxTxHxK = o_BxTxHxK * self.head_scale[...][:, None].astype(o_BxTxHxK.dtype)
+        o = o_BxTxHxK.reshape(b, t, h * k)
+        if self.inner_norm is not None:
+            o = self.inner_norm(o)
+        return self.out(o)
 
     def __call__(self, x_BxTxD: jax.Array, context_BxSxD: jax.Array | None = None, *,
                  mask_Bx1xTxS: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -78,12 +100,10 @@ class Attention(nnx.Module):
         s = k.shape[1]
         q, k, v = (q.reshape(b, t, h, d // h), k.reshape(b, s, h, d // h),
                    v.reshape(b, s, h, d // h))
+        q, k = self._normed(self.query_norm, q), self._normed(self.key_norm, k)
         o = ops.attention(q, k, v, mask=mask_Bx1xTxS, causal=causal, impl=self.impl,
                           dtype=self.dtype, precision=self.precision)
-        o = o.reshape(b, t, d)
-        if self.inner_norm is not None:
-            o = self.inner_norm(o)
-        return self.out(o)
+        return self._mix_heads(o)
 
 
     # Incremental decoding (deepnorm.decoding.incremental) ----------------------------------
@@ -94,7 +114,7 @@ class Attention(nnx.Module):
         b, s, d = context_BxSxD.shape
         k, v = fused_projection((self.key, self.value), context_BxSxD)
         h = self.num_heads
-        return k.reshape(b, s, h, d // h), v.reshape(b, s, h, d // h)
+        return self._normed(self.key_norm, k.reshape(b, s, h, d // h)), v.reshape(b, s, h, d // h)
 
     def cached_self_attention(self, x_BxTxD, cache_k, cache_v, index):
         """Causal self-attention of T new positions ``index .. index + T - 1`` against a cache
@@ -104,6 +124,7 @@ class Attention(nnx.Module):
         h = self.num_heads
         q, k, v = fused_projection((self.query, self.key, self.value), x_BxTxD)
         q, k, v = (y.reshape(b, t, h, d // h) for y in (q, k, v))
+        q, k = self._normed(self.query_norm, q), self._normed(self.key_norm, k)
         start = (0, index, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
@@ -118,15 +139,12 @@ class Attention(nnx.Module):
         """Cross-attention of the stream to precomputed keys and values (``context_kv``)."""
         b, t, d = x_BxTxD.shape
         q = self.query(x_BxTxD).reshape(b, t, self.num_heads, d // self.num_heads)
+        q = self._normed(self.query_norm, q)
         return self._finish(q, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS)
 
     def _finish(self, q, k, v, mask):
-        b, t, h, kd = q.shape
         o = ops.attention(q, k, v, mask=mask, causal=False, impl=self.impl, dtype=self.dtype)
-        o = o.reshape(b, t, h * kd)
-        if self.inner_norm is not None:
-            o = self.inner_norm(o)
-        return self.out(o)
+        return self._mix_heads(o)
 
 
 class FeedForward(nnx.Module):

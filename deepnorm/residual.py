@@ -1,31 +1,176 @@
-"""How a sublayer joins the residual stream (``model.residual``), one line per scheme.
+"""How a sublayer joins the residual stream (``model.residual``): one declaration per scheme.
 
-Each scheme is a function ``(x, s, c) -> x`` of the residual stream ``x``, a :class:`Sublayer`
-``s`` (its branch ``s.f``, its norm ``s.ln`` and the scheme's extra parameters) and the
-layer's scanned constants ``c`` (see ``deepnorm.initializers.layer_constants``). The bodies
-read like the papers' equations; tests check each against exactly that equation.
+A :class:`Scheme` holds everything a placement needs, and is the only place that names it:
+
+``step``       the paper's one-line equation ``(x, s, c) -> x`` on one sublayer, of the stream
+               ``x``, a :class:`Sublayer` ``s`` (its branch ``s.f``, its norms and the scheme's
+               parameters) and the layer's scanned constants ``c``; or ``layer`` for an
+               equation over a whole layer (B2T)
+``norm`` ...   which norms it needs: around each branch (``norm``; before it for Pre-LN, after
+               the add for Post-LN), on the branch output (``norm_out``), inside the branch
+               (``inner_norm``: before the attention output projection, after the FFN
+               activation), on the embedding (``input_norm``), after the stack (``final_norm``)
+``params``     its extra learned parameters per sublayer and their init (gate, omega, ...)
+``constants``  its layer-index constants, arrays scanned with the weights
+``init``       what ``model.init="auto"`` means for it
+
+``Block`` and ``Stack`` (deepnorm.transformer) build from the declaration; the config validates
+against it; the analysis lists it. Each sublayer is of kind ``attn`` (self- or
+cross-attention) or ``ffn``; the norm and parameter fields say which kinds they apply to.
+Adding a scheme is one ``register(Scheme(...))`` here, its test and its README row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+ATTN, FFN = "attn", "ffn"
+BOTH = frozenset({ATTN, FFN})
+NONE = frozenset()
+
+
+def sublayer_kind(name: str) -> str:
+    """``self_attn`` / ``cross_attn`` -> ``attn``; ``ffn`` -> ``ffn``."""
+    return FFN if name == "ffn" else ATTN
 
 
 @dataclasses.dataclass
 class Sublayer:
-    """One branch F (attention or FFN) and what its scheme needs around it."""
+    """One branch F (attention or FFN) and what its scheme needs around it.
+
+    The scheme's own parameters are attributes too: ``s.gate`` is ``s.params["gate"]``.
+    """
 
     f: Callable[[Array], Array]  # the branch, dropout included
-    ln: Callable[[Array], Array]  # its norm (identity for rezero)
-    ln_out: Callable[[Array], Array] | None = None  # sandwich / peri: norm on the branch output
-    gate: Array | None = None  # rezero: the scalar a, zero at init
-    omega: Array | None = None  # admin: the residual weight set by the profiling pass
+    ln: Callable[[Array], Array]  # its norm (identity for the norm-free schemes)
+    ln_out: Callable[[Array], Array] | None = None  # norm on the branch output
+    kind: str = ATTN
+    params: Mapping[str, Array] = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["params"][name]
+        except KeyError:
+            raise AttributeError(f"this scheme's sublayer has no parameter {name!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """An extra learned parameter of every sublayer of ``kinds``, named ``{sublayer}_{name}``
+    in the block (``self_attn_gate``, ``ffn_omega``).
+
+    ``init`` is a number or ``init(cfg, num_layers, position) -> number or array``
+    (``num_layers``: the stack's; ``position``: the sublayer's 0-based place in the stack,
+    traced while the stacked layers are built); ``shape`` is ``"scalar"``, ``"d_model"`` (one
+    value per feature) or a tuple of sizes.
+    """
+
+    name: str
+    init: float | Callable[..., Any]
+    shape: str | tuple[int, ...] = "scalar"
+    kinds: frozenset = BOTH
+
+    def value(self, cfg, num_layers: int, position=0) -> tuple[Array, tuple]:
+        """The initial array and its logical axes."""
+        v = self.init(cfg, num_layers, position) if callable(self.init) else self.init
+        if self.shape == "scalar":
+            shape, axes = (), ()
+        elif self.shape == "d_model":
+            shape, axes = (cfg.d_model,), ("norm",)
+        else:
+            shape, axes = tuple(self.shape), (None,) * len(self.shape)
+        return jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape), axes
+
+
+def _no_constants(cfg, stack: str, index_L: np.ndarray) -> dict:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """One residual scheme, declared once (see the module docstring for the fields)."""
+
+    name: str
+    label: str  # for figures
+    color: str  # one fixed colour per scheme in every figure
+    step: Callable | None = None  # (x, Sublayer, consts) -> x, applied per sublayer
+    layer: Callable | None = None  # (x, [Sublayer], consts) -> [x after each sublayer]
+    norm: frozenset = BOTH  # branch kinds with a norm `{sublayer}_norm`
+    norm_out: frozenset = NONE  # kinds with a norm on the branch output `{sublayer}_norm_out`
+    inner_norm: frozenset = NONE  # kinds with a norm inside the branch (`inner_norm`)
+    head_scale: bool = False  # a learned scalar per attention head before the out-projection
+    input_norm: bool = False
+    final_norm: bool = False
+    # A scheme with a norm that still works with model.norm="none" (Post-LN: x + F(x), as
+    # T-Fixup runs it). A scheme without any norm requires model.norm="none".
+    norm_optional: bool = False
+    params: tuple[Param, ...] = ()
+    # constants(cfg, stack, index_L) -> {name: [L] array}; index_L the 1-based layer indices.
+    constants: Callable = _no_constants
+    init: str = "xavier"  # model.init="auto"
+    profiled: bool = False  # needs a forward pass at init to set its parameters (Admin)
+    # Residual streams carried from layer to layer: n > 1 makes the stack's carry [n, B, T, D]
+    # (every stream starts as the embedding output) and ``merge(streams, final_norm)`` the
+    # stack's output.
+    streams: int = 1
+    merge: Callable | None = None
+
+    @property
+    def uses_norm(self) -> bool:
+        return bool(self.norm | self.norm_out | self.inner_norm) or self.input_norm
+
+    def enter(self, x_BxTxD: Array) -> Array:
+        """The stream(s) entering the first layer."""
+        if self.streams == 1:
+            return x_BxTxD
+        return jnp.broadcast_to(x_BxTxD, (self.streams,) + x_BxTxD.shape)
+
+    def leave(self, x: Array, final_norm: Callable | None) -> Array:
+        """The stack's output from the stream(s) leaving its last layer."""
+        if self.merge is not None:
+            return self.merge(x, final_norm)
+        return x if final_norm is None else final_norm(x)
+
+    def observed(self, x: Array) -> Array:
+        """The stream the per-layer statistics describe: the first one of several."""
+        return x if self.streams == 1 else x[0]
+
+    def apply(self, x: Array, sublayers: Sequence[Sublayer], c) -> list[Array]:
+        """Runs one layer's sublayers; returns the stream after each sublayer."""
+        if self.layer is not None:
+            return self.layer(x, sublayers, c)
+        states = []
+        for s in sublayers:
+            x = self.step(x, s, c)
+            states.append(x)
+        return states
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register(scheme: Scheme) -> Scheme:
+    """Adds a scheme to ``model.residual``'s values (and so to train.py and the analysis)."""
+    if scheme.name in SCHEMES:
+        raise ValueError(f"residual scheme {scheme.name!r} is already registered")
+    if (scheme.step is None) == (scheme.layer is None):
+        raise ValueError(f"scheme {scheme.name!r} needs exactly one of step and layer")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def get(name: str) -> Scheme:
+    return SCHEMES[name]
+
+
+# The schemes ------------------------------------------------------------------------------
 
 
 def post(x, s, c):
@@ -33,9 +178,15 @@ def post(x, s, c):
     return s.ln(x + s.f(x))
 
 
+register(Scheme("post", "Post-LN", "#d62728", post, norm_optional=True))
+
+
 def pre(x, s, c):
     """Pre-LN (Wang et al. 2019; Xiong et al. 2020): x <- x + F(LN(x)); final LN after the stack."""
     return x + s.f(s.ln(x))
+
+
+register(Scheme("pre", "Pre-LN", "#1f77b4", pre, final_norm=True))
 
 
 def sandwich(x, s, c):
@@ -43,18 +194,36 @@ def sandwich(x, s, c):
     return x + s.ln_out(s.f(s.ln(x)))
 
 
+register(Scheme("sandwich", "Sandwich-LN", "#9467bd", sandwich, norm_out=BOTH, final_norm=True))
+
+
 def peri(x, s, c):
     """Peri-LN (Kim et al. 2025): x <- x + LN_out(F(LN_in(x))).
 
     Per sublayer the same equation as Sandwich-LN; Peri-LN also normalizes the embedding output
-    before the first layer (done by the stack, ``Stack.input_norm``).
+    before the first layer (``input_norm``).
     """
     return x + s.ln_out(s.f(s.ln(x)))
+
+
+register(Scheme("peri", "Peri-LN", "#8c564b", peri, norm_out=BOTH, input_norm=True,
+                final_norm=True))
 
 
 def deepnorm(x, s, c):
     """DeepNorm (Wang et al. 2022, DeepNet): x <- LN(alpha * x + F(x))."""
     return s.ln(c["alpha"] * x + s.f(x))
+
+
+def _deepnorm_constants(cfg, stack, index_L):
+    # initializers imports config, which imports this module: import at call time.
+    from deepnorm.initializers import deepnorm_coefficients
+    alpha = deepnorm_coefficients(cfg.arch, cfg.encoder_layers, cfg.decoder_layers)[stack][0]
+    return {"alpha": np.full(index_L.shape, alpha, np.float32)}
+
+
+register(Scheme("deepnorm", "DeepNorm", "#2ca02c", deepnorm, constants=_deepnorm_constants,
+                init="deepnorm"))
 
 
 def subln(x, s, c):
@@ -63,30 +232,8 @@ def subln(x, s, c):
     return x + s.f(s.ln(x))
 
 
-def rezero(x, s, c):
-    """ReZero (Bachlechner et al. 2020): x <- x + a * F(x), a = 0 at init, no norm."""
-    return x + s.gate * s.f(x)
-
-
-def admin(x, s, c):
-    """Admin (Liu et al. 2020): x <- LN(omega * x + F(x)), omega from a profiling pass."""
-    return s.ln(s.omega * x + s.f(x))
-
-
-def mixln(x, s, c):
-    """Mix-LN (Li et al. 2025): Post-LN in the first layers (c["is_post"]), Pre-LN after.
-
-    Written as a select on the scanned flag rather than a Python branch, so every layer has one
-    shape and the stack stays one scan; the unused norm costs one element-wise pass.
-    """
-    h = jnp.where(c["is_post"], x, s.ln(x))
-    y = x + s.f(h)
-    return jnp.where(c["is_post"], s.ln(y), y)
-
-
-def lnscale(x, s, c):
-    """LayerNorm-Scaling (Sun et al. 2025): x <- x + F(LN(x) / sqrt(l)), l the 1-based layer."""
-    return x + s.f(s.ln(x) * c["lnscale"])
+register(Scheme("subln", "SubLN", "#e377c2", subln, inner_norm=BOTH, final_norm=True,
+                init="subln"))
 
 
 def b2t(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
@@ -104,19 +251,184 @@ def b2t(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
     return states
 
 
-SCHEMES: dict[str, Callable] = {
-    "post": post, "pre": pre, "sandwich": sandwich, "peri": peri, "deepnorm": deepnorm,
-    "subln": subln, "rezero": rezero, "admin": admin, "mixln": mixln, "lnscale": lnscale,
-}
+register(Scheme("b2t", "B2T", "#7f7f7f", layer=b2t))
 
 
-def apply_layer(scheme: str, x: Array, sublayers: Sequence[Sublayer], c) -> list[Array]:
-    """Runs one layer's sublayers under ``scheme``; returns the stream after each sublayer."""
-    if scheme == "b2t":
-        return b2t(x, sublayers, c)
-    step = SCHEMES[scheme]
-    states = []
-    for s in sublayers:
-        x = step(x, s, c)
-        states.append(x)
-    return states
+def rezero(x, s, c):
+    """ReZero (Bachlechner et al. 2020): x <- x + a * F(x), a = 0 at init, no norm."""
+    return x + s.gate * s.f(x)
+
+
+register(Scheme("rezero", "ReZero", "#bcbd22", rezero, norm=NONE, params=(Param("gate", 0.0),)))
+
+
+def admin(x, s, c):
+    """Admin (Liu et al. 2020): x <- LN(omega * x + F(x)), omega from a profiling pass."""
+    return s.ln(s.omega * x + s.f(x))
+
+
+register(Scheme("admin", "Admin", "#17becf", admin, profiled=True,
+                params=(Param("omega", 1.0, shape="d_model"),)))
+
+
+def mixln(x, s, c):
+    """Mix-LN (Li et al. 2025): Post-LN in the first layers (c["is_post"]), Pre-LN after.
+
+    Written as a select on the scanned flag rather than a Python branch, so every layer has one
+    shape and the stack stays one scan; the unused norm costs one element-wise pass.
+    """
+    h = jnp.where(c["is_post"], x, s.ln(x))
+    y = x + s.f(h)
+    return jnp.where(c["is_post"], s.ln(y), y)
+
+
+def _mixln_constants(cfg, stack, index_L):
+    num_post = round(cfg.mixln_fraction * len(index_L))
+    return {"is_post": index_L <= num_post}
+
+
+register(Scheme("mixln", "Mix-LN", "#ff7f0e", mixln, final_norm=True,
+                constants=_mixln_constants))
+
+
+def lnscale(x, s, c):
+    """LayerNorm-Scaling (Sun et al. 2025): x <- x + F(LN(x) / sqrt(l)), l the 1-based layer."""
+    return x + s.f(s.ln(x) * c["lnscale"])
+
+
+register(Scheme("lnscale", "LN-Scaling", "#393b79", lnscale, final_norm=True,
+                constants=lambda cfg, stack, index_L: {"lnscale": 1.0 / np.sqrt(index_L)}))
+
+
+def fixup(x, s, c):
+    """R-Fixup / Fixup (Zhang, Dauphin & Ma 2019): x <- x + m * F(x + b_in) + b_out, no norm.
+
+    Scalars per branch: multiplier m = 1 and biases b_in = b_out = 0 at init; the init
+    (``model.init="fixup"``) zeroes the last projection of each branch and scales the other by
+    L^(-1/2). Fixup's scalar biases before the inner linear layer and the activation are
+    subsumed by the projections' own bias vectors (``model.use_bias``).
+    """
+    return x + s.multiplier * s.f(x + s.bias_in) + s.bias_out
+
+
+register(Scheme("fixup", "R-Fixup", "#ad494a", fixup, norm=NONE, init="fixup",
+                params=(Param("multiplier", 1.0), Param("bias_in", 0.0),
+                        Param("bias_out", 0.0))))
+
+
+def normformer(x, s, c):
+    """NormFormer (Shleifer, Weston & Ott 2021): Pre-LN plus three operations.
+
+    attention: x <- x + LN_out(Attn(LN(x))), the heads scaled by learned gamma_h before the
+    output projection; FFN: x <- lambda * x + W2 LN_in(act(W1 LN(x))), lambda learned per
+    feature (the paper's optional residual scaling, 1 at init); final LN.
+    """
+    y = s.f(s.ln(x))
+    if s.kind == ATTN:
+        return x + s.ln_out(y)
+    return s.resid_scale * x + y
+
+
+register(Scheme("normformer", "NormFormer", "#e7969c", normformer, norm_out=frozenset({ATTN}),
+                inner_norm=frozenset({FFN}), head_scale=True, final_norm=True,
+                params=(Param("resid_scale", 1.0, shape="d_model", kinds=frozenset({FFN})),)))
+
+
+def layerscale(x, s, c):
+    """LayerScale (Touvron et al. 2021, CaiT): x <- x + diag(g) F(LN(x)); final LN.
+
+    g per feature, initialized by CaiT's depth rule (``layerscale_init``).
+    """
+    return x + s.layerscale * s.f(s.ln(x))
+
+
+def layerscale_init(cfg, num_layers: int, position=None) -> float:
+    """CaiT's epsilon: 0.1 up to 18 layers, 1e-5 up to 24, 1e-6 deeper."""
+    return 0.1 if num_layers <= 18 else 1e-5 if num_layers <= 24 else 1e-6
+
+
+register(Scheme("layerscale", "LayerScale", "#6b6ecf", layerscale, final_norm=True,
+                params=(Param("layerscale", layerscale_init, shape="d_model"),)))
+
+
+def deepscale(x, s, c):
+    """DeepScaleLM's norm-preserving skip (Kedia et al. 2024): x <- lambda x + beta F(LN(x)),
+    lambda^2 + beta^2 = 1; final LN.
+
+    beta^2 = 1/B with B the stack's branches (2 per layer, 3 with cross-attention): with
+    unit-variance branch outputs the stream keeps its variance, and the embedding's share of
+    it after the stack is (1 - 1/B)^B ~ 1/e, whatever the depth.
+    """
+    return c["alpha"] * x + c["beta"] * s.f(s.ln(x))
+
+
+def _deepscale_constants(cfg, stack, index_L):
+    per_layer = 3 if (stack == "decoder" and cfg.arch == "encoder_decoder") else 2
+    beta = math.sqrt(1.0 / (per_layer * len(index_L)))
+    return {"alpha": np.full(index_L.shape, math.sqrt(1.0 - beta ** 2), np.float32),
+            "beta": np.full(index_L.shape, beta, np.float32)}
+
+
+register(Scheme("deepscale", "DeepScaleLM", "#8ca252", deepscale, final_norm=True,
+                constants=_deepscale_constants))
+
+
+def rescaled(x, s, c):
+    """Rescaled skip with LN (Liu et al. 2021, "Rethinking Skip Connection with Layer
+    Normalization"): x <- LN(lambda x + F(x)), lambda = ``model.skip_lambda``."""
+    return s.ln(c["alpha"] * x + s.f(x))
+
+
+register(Scheme("rescaled", "Rescaled-LN", "#bd9e39", rescaled,
+                constants=lambda cfg, stack, index_L: {
+                    "alpha": np.full(index_L.shape, cfg.skip_lambda, np.float32)}))
+
+
+def respost(x, s, c):
+    """Res-Post-LN (Liu et al. 2022, Swin Transformer V2; OLMo 2): x <- x + LN(F(x)), the
+    norm on the branch output only; final LN."""
+    return x + s.ln_out(s.f(x))
+
+
+register(Scheme("respost", "Res-Post-LN", "#5254a3", respost, norm=NONE, norm_out=BOTH,
+                final_norm=True))
+
+
+def resi_dual(x, s, c):
+    """ResiDual (Xie et al. 2023): a Post-LN stream x_a and a Pre-LN-like dual stream x_d.
+
+    x_a <- LN(x_a + F(x_a)); x_d <- x_d + F(x_a) (the same branch output); both start as the
+    embedding output; the stack's output is x_a + LN_final(x_d). ``x`` is [2, B, T, D].
+    """
+    y = s.f(x[0])
+    return jnp.stack([s.ln(x[0] + y), x[1] + y])
+
+
+register(Scheme("resi_dual", "ResiDual", "#9c9ede", resi_dual, final_norm=True, streams=2,
+                merge=lambda x, final_norm: x[0] + final_norm(x[1])))
+
+
+HYPER_STREAMS = 4  # n, the expansion rate: 4 residual streams
+
+
+def hyper(x, s, c):
+    """Hyper-connections (Zhu et al. 2024), static: n streams H [n, B, T, D] per position.
+
+    h = sum_i a_i H_i; y = F(LN(h)); H_j <- sum_i A_ij H_i + b_j y. At init a is the one-hot
+    e_(k mod n) of the sublayer's place k in the stack, A = I, b = 1 (Pre-LN while the streams
+    are equal); every stream starts as the embedding output; the stack's output is
+    LN_final(sum_i H_i).
+    """
+    h = jnp.einsum("n,nbtd->btd", s.width, x)
+    y = s.f(s.ln(h))
+    return jnp.einsum("nm,nbtd->mbtd", s.mix, x) + s.depth[:, None, None, None] * y
+
+
+register(Scheme(
+    "hyper", "Hyper-connections", "#cedb9c", hyper, final_norm=True, streams=HYPER_STREAMS,
+    merge=lambda x, final_norm: final_norm(jnp.sum(x, axis=0)),
+    params=(Param("width", lambda cfg, layers, k: jax.nn.one_hot(
+                jnp.asarray(k).astype(jnp.int32) % HYPER_STREAMS, HYPER_STREAMS), shape=(HYPER_STREAMS,)),
+            Param("mix", tuple(map(tuple, np.eye(HYPER_STREAMS))),
+                  shape=(HYPER_STREAMS, HYPER_STREAMS)),
+            Param("depth", 1.0, shape=(HYPER_STREAMS,)))))

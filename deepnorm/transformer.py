@@ -18,11 +18,12 @@ import numpy as np
 from flax import nnx
 
 from deepnorm import residual as residual_lib
-from deepnorm.config import FINAL_NORM_RESIDUALS, TransformerConfig
-from deepnorm.initializers import layer_constants, layer_gain, role_gains
+from deepnorm.config import TransformerConfig
+from deepnorm.initializers import block_constants, layer_constants, layer_gain, role_gains
 from deepnorm.layers import Attention, Dense, FeedForward
 from deepnorm.norms import make_norm
 from deepnorm.ops import matmul
+from deepnorm.residual import ATTN, FFN, sublayer_kind
 
 PAD_ID = 0  # the token id that marks padding in encoder inputs (deepnorm.data.tokenizer)
 
@@ -74,6 +75,12 @@ def token_var(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> ja
     return jnp.sum(w * jnp.square(x - mean))
 
 
+def _default_stack(cfg: TransformerConfig) -> str:
+    """The stack a block belongs to when not told: the encoder of an encoder-only model, else
+    the decoder."""
+    return "encoder" if cfg.arch == "encoder" else "decoder"
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate == 0.0:
         return x
@@ -84,32 +91,59 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class Block(nnx.Module):
     """One layer: self-attention, cross-attention (decoder of encoder_decoder), feed-forward.
 
-    Each sublayer joins the residual stream by ``cfg.residual`` (see ``deepnorm.residual``).
+    Each sublayer joins the residual stream by ``cfg.residual``, and the block builds what
+    that scheme declares (``deepnorm.residual.Scheme``): its norms, its parameters, its
+    inner norms. A ``Stack`` builds its layers with ``gains`` and a traced ``layer_index`` and
+    passes each layer's constants; ``Block.standalone`` builds one layer for use on its own.
     """
 
-    def __init__(self, cfg: TransformerConfig, *, cross: bool, gains: dict,
-                 layer_index: jax.Array, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, *, cross: bool = False, gains: dict | None = None,
+                 layer_index: jax.Array | int = 1, stack: str | None = None,
+                 rngs: nnx.Rngs):
+        scheme = cfg.scheme
+        stack = stack or _default_stack(cfg)
         self.residual, self.dropout_rate = cfg.residual, cfg.dropout_rate
+        self.consts = None  # a standalone block's own constants (Block.standalone)
+        gains = role_gains(cfg, stack) if gains is None else gains
         scaled = {role: g * layer_gain(cfg, layer_index) for role, g in gains.items()}
-        inner = cfg.residual == "subln"
         self.sublayer_names = ("self_attn", "cross_attn", "ffn") if cross else ("self_attn", "ffn")
-        self.self_attn = Attention(cfg, scaled, inner_norm=inner, rngs=rngs)
-        self.cross_attn = Attention(cfg, scaled, inner_norm=inner, rngs=rngs) if cross else None
-        self.ffn = FeedForward(cfg, scaled, inner_norm=inner, rngs=rngs)
-        d = cfg.d_model
-        for name in self.sublayer_names:
-            has_norm = cfg.residual != "rezero"
-            two_norms = cfg.residual in ("sandwich", "peri")
-            setattr(self, f"{name}_norm",
-                    make_norm(cfg.norm, d, eps=cfg.norm_eps) if has_norm else None)
-            setattr(self, f"{name}_norm_out",
-                    make_norm(cfg.norm, d, eps=cfg.norm_eps) if two_norms else None)
-            setattr(self, f"{name}_gate",
-                    nnx.Param(jnp.zeros((), jnp.float32), axes=())
-                    if cfg.residual == "rezero" else None)
-            setattr(self, f"{name}_omega",
-                    nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
-                    if cfg.residual == "admin" else None)
+        attn = dict(inner_norm=ATTN in scheme.inner_norm, head_scale=scheme.head_scale)
+        self.self_attn = Attention(cfg, scaled, **attn, rngs=rngs)
+        self.cross_attn = Attention(cfg, scaled, **attn, rngs=rngs) if cross else None
+        self.ffn = FeedForward(cfg, scaled, inner_norm=FFN in scheme.inner_norm, rngs=rngs)
+        num_layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
+        count = len(self.sublayer_names)
+        for i, name in enumerate(self.sublayer_names):
+            kind = sublayer_kind(name)
+            setattr(self, f"{name}_norm", norm() if kind in scheme.norm else None)
+            setattr(self, f"{name}_norm_out", norm() if kind in scheme.norm_out else None)
+            for p in scheme.params:
+                if kind in p.kinds:
+                    position = (layer_index - 1) * count + i  # the sublayer's place in the stack
+                    value, axes = p.value(cfg, num_layers, position)
+                    setattr(self, f"{name}_{p.name}", nnx.Param(value, axes=axes))
+
+    @classmethod
+    def standalone(cls, cfg: TransformerConfig, layer_index: int = 1, *,
+                   stack: str | None = None, cross: bool = False, rngs: nnx.Rngs) -> "Block":
+        """Layer ``layer_index`` (1-based) of ``cfg``'s ``stack`` as a module of its own: the
+        init gains of that layer and its constants (DeepNorm's alpha, ...) built in, so
+        ``block(x)`` needs no constants. ``stack`` defaults to the one ``cfg.arch`` has."""
+        stack = stack or _default_stack(cfg)
+        consts = block_constants(cfg, stack, layer_index)
+        block = cls(cfg, cross=cross, layer_index=layer_index, stack=stack, rngs=rngs)
+        block.consts = consts
+        return block
+
+    def _consts(self, consts):
+        if consts is not None:
+            return consts
+        if self.consts is None:
+            raise ValueError("this Block has no constants of its own: pass its layer's "
+                             "(deepnorm.initializers.layer_constants) or build it with "
+                             "Block.standalone")
+        return self.consts
 
     def _sublayers(self, context, self_mask, cross_mask, causal, dropout_key, records,
                    branches=None):
@@ -118,6 +152,7 @@ class Block(nnx.Module):
             "cross_attn": lambda h: self.cross_attn(h, context, mask_Bx1xTxS=cross_mask),
             "ffn": self.ffn,
         }
+        scheme = residual_lib.get(self.residual)
         out = []
         for i, name in enumerate(self.sublayer_names):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
@@ -127,31 +162,35 @@ class Block(nnx.Module):
                 records.append(y)
                 return y
 
-            gate = getattr(self, f"{name}_gate")
-            omega = getattr(self, f"{name}_omega")
+            kind = sublayer_kind(name)
             norm = getattr(self, f"{name}_norm")
+            params = {p.name: getattr(self, f"{name}_{p.name}")[...]
+                      for p in scheme.params if kind in p.kinds}
             out.append(residual_lib.Sublayer(
                 f=f, ln=(lambda h: h) if norm is None else norm,
-                ln_out=getattr(self, f"{name}_norm_out"),
-                gate=None if gate is None else gate[...],
-                omega=None if omega is None else omega[...]))
-        return out
+                ln_out=getattr(self, f"{name}_norm_out"), kind=kind, params=params))
+        return scheme, out
 
-    def __call__(self, x_BxTxD, consts, *, context_BxSxD=None, self_mask=None, cross_mask=None,
+    def __call__(self, x_BxTxD, consts=None, *, context_BxSxD=None, self_mask=None, cross_mask=None,
                  causal=False, dropout_key=None, token_mask_BxT=None):
         """Returns the new residual stream and a dict of per-sublayer statistics, each [S],
-        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None)."""
+        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None).
+
+        For a scheme with several streams (``Scheme.streams`` n > 1, e.g. ResiDual) the stream
+        is the stacked [n, B, T, D] (``Scheme.enter`` makes it from [B, T, D])."""
         branch_outputs: list[jax.Array] = []
-        sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal, dropout_key,
-                                    branch_outputs)
-        states = residual_lib.apply_layer(self.residual, x_BxTxD, sublayers, consts)
-        inputs = [x_BxTxD] + states[:-1]
-        w = _token_weights(x_BxTxD, token_mask_BxT)
+        scheme, sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal,
+                                            dropout_key, branch_outputs)
+        states = scheme.apply(x_BxTxD, sublayers, self._consts(consts))
+        # A multi-stream scheme's statistics are those of its first stream.
+        inputs = [scheme.observed(s) for s in [x_BxTxD] + states[:-1]]
+        states_seen = [scheme.observed(s) for s in states]
+        w = _token_weights(inputs[0], token_mask_BxT)
         stats = {
             "stream_in_norm": jnp.stack([_token_norm(s, w) for s in inputs]),
             "branch_norm": jnp.stack([_token_norm(y, w) for y in branch_outputs]),
             "branch_var": jnp.stack([token_var(y, token_mask_BxT) for y in branch_outputs]),
-            "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states]),
+            "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states_seen]),
         }
         return states[-1], stats
 
@@ -174,8 +213,9 @@ class Block(nnx.Module):
         branches = {"self_attn": self_attn, "ffn": self.ffn,
                     "cross_attn": lambda h: self.cross_attn.attend_kv(
                         h, cache["cross_k"], cache["cross_v"], cross_mask)}
-        sublayers = self._sublayers(None, None, None, False, None, [], branches=branches)
-        states = residual_lib.apply_layer(self.residual, x_BxTxD, sublayers, consts)
+        scheme, sublayers = self._sublayers(None, None, None, False, None, [],
+                                            branches=branches)
+        states = scheme.apply(x_BxTxD, sublayers, self._consts(consts))
         return states[-1], new
 
 
@@ -192,12 +232,13 @@ class Stack(nnx.Module):
         @nnx.split_rngs(splits=self.num_layers)
         @nnx.vmap(in_axes=(0, 0), out_axes=0)
         def make_layers(rngs, layer_index):
-            return Block(cfg, cross=cross, gains=gains, layer_index=layer_index, rngs=rngs)
+            return Block(cfg, cross=cross, gains=gains, layer_index=layer_index, stack=name,
+                         rngs=rngs)
 
         self.layers = make_layers(rngs, jnp.arange(1, self.num_layers + 1, dtype=jnp.float32))
         norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
-        self.input_norm = norm() if cfg.residual == "peri" else None
-        self.final_norm = norm() if cfg.residual in FINAL_NORM_RESIDUALS else None
+        self.input_norm = norm() if cfg.scheme.input_norm else None
+        self.final_norm = norm() if cfg.scheme.final_norm else None
 
     def __call__(self, x_BxTxD, *, context_BxSxD=None, self_mask=None, cross_mask=None,
                  causal=False, dropout_key=None, token_mask_BxT=None):
@@ -211,6 +252,7 @@ class Stack(nnx.Module):
             x_BxTxD = self.input_norm(x_BxTxD)
         graphdef, layer_state = nnx.split(self.layers)
         consts = layer_constants(cfg, self.name, self.num_layers)
+        scheme = cfg.scheme
         keys = (None if dropout_key is None
                 else jax.random.split(dropout_key, self.num_layers))
 
@@ -230,10 +272,8 @@ class Stack(nnx.Module):
             # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
-        x, stats = run_layers(body, x_BxTxD, (layer_state, consts, keys), cfg)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, stats
+        x, stats = run_layers(body, scheme.enter(x_BxTxD), (layer_state, consts, keys), cfg)
+        return scheme.leave(x, self.final_norm), stats
 
 
     def cross_kv(self, context_BxSxD):
@@ -260,10 +300,10 @@ class Stack(nnx.Module):
             return nnx.merge(graphdef, state).decode(x, c, layer_cache, index=index,
                                                      cross_mask=cross_mask)
 
-        x, kv = run_layers(body, x_BxTxD, (layer_state, consts, cache), self.config, unroll=1)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, dict(cache, **kv)  # the cross-attention keys and values pass through
+        scheme = self.config.scheme
+        x, kv = run_layers(body, scheme.enter(x_BxTxD), (layer_state, consts, cache), self.config,
+                           unroll=1)
+        return scheme.leave(x, self.final_norm), dict(cache, **kv)  # the cross-attention keys and values pass through
 
 
 def run_layers(body, x, xs, cfg, unroll: int | None = None):

@@ -59,7 +59,7 @@ print("make_norm('dyt', 8):", type(make_norm("dyt", 8)).__name__)
 import inspect
 
 for name in ("post", "pre", "deepnorm", "sandwich"):
-    print(inspect.getsource(residual_lib.SCHEMES[name]).splitlines()[-1].strip(),
+    print(inspect.getsource(residual_lib.SCHEMES[name].step).splitlines()[-1].strip(),
           f"   # {name}")
 
 f = nnx.Linear(8, 8, rngs=nnx.Rngs(1))

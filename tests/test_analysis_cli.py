@@ -182,3 +182,28 @@ def test_grad_norms_command_writes_json_and_png(tmp_path):
     meta = json.loads((out / "grad-norms.meta.json").read_text())
     assert meta["base_model"]["d_model"] == 16 and meta["seconds"] > 0
     assert meta["config"]["analysis"]["depths"] == "1"
+
+
+def test_every_declared_scheme_is_an_analysis_scheme_with_a_valid_config():
+    """Each ``model.residual`` value (deepnorm.residual) is a name for grad-norms,
+    update-norms and stability-map, builds a valid config on the analysis base (norm switched
+    off for a scheme without one, auto init kept) and has a colour and a label."""
+    from deepnorm.analysis import plotting, schemes as schemes_lib
+    from deepnorm.config import TransformerConfig
+    from deepnorm.residual import SCHEMES as DECLARED
+    base = TransformerConfig(arch="encoder_decoder", num_encoder_layers=2, num_decoder_layers=2,
+                             d_model=16, num_heads=2, d_ff=32, residual="post", norm="none",
+                             init="tfixup")
+    names = tuple(DECLARED) + ("skipinit",)
+    assert schemes_lib.check_schemes(names) == names
+    for name in names:
+        cfg = schemes_lib.scheme_config(base, name, depth=3)
+        assert cfg.residual == (name if name in DECLARED else "rezero")
+        assert (cfg.norm == "none") == (not cfg.scheme.uses_norm)
+        assert cfg.init == "auto" and cfg.num_decoder_layers == 3
+        assert plotting.color(name).startswith("#") and plotting.label(name) != name
+    assert schemes_lib.scheme_config(base, "fixup").resolved_init == "fixup"
+    new = "fixup,normformer,layerscale,deepscale,rescaled,skipinit"
+    for command in ("grad-norms", "update-norms", "stability-map"):
+        values, _ = cli.check(*cli.load([command, OUT, f"--config.analysis.residuals={new}"]))
+        assert values["residuals"] == new.split(",")

@@ -55,6 +55,15 @@ BAD = [
     ("no_norm_with_pre", dict(residual="pre", norm="none"), r"model\.norm='none'.*'pre'"),
     ("no_norm_with_deepnorm", dict(residual="deepnorm", norm="none"),
      r"model\.norm='none'.*'deepnorm'"),
+    ("fixup_with_norm", dict(residual="fixup", norm="rmsnorm"),
+     r"model\.residual='fixup' uses no normalization but model\.norm='rmsnorm'; set "
+     r"model\.norm='none'"),
+    ("no_norm_with_normformer", dict(residual="normformer", norm="none"),
+     r"model\.norm='none' only makes sense with residual post, rezero, fixup .*'normformer'"),
+    ("skip_lambda_zero", dict(residual="rescaled", skip_lambda=0.0),
+     r"model\.skip_lambda=0\.0 must be positive"),
+    ("skip_lambda_text", dict(skip_lambda="2"), r"model\.skip_lambda='2' must be a number"),
+    ("qk_norm_not_bool", dict(qk_norm="yes"), r"model\.qk_norm='yes' must be True or False"),
 ]
 
 BAD_ENC_DEC = [
@@ -97,6 +106,8 @@ def test_from_mapping_names_unknown_keys():
     dict(residual="mixln", mixln_fraction=0.0), dict(residual="mixln", mixln_fraction=1.0),
     dict(arch="encoder", norm="dyt"), dict(dtype="bfloat16", remat_policy="save_dots"),
     dict(attention_impl="cudnn", dtype="bfloat16"),
+    dict(residual="fixup", norm="none"), dict(residual="post", norm="none", init="fixup"),
+    dict(residual="deepscale", qk_norm=True), dict(residual="rescaled", skip_lambda=1),
 ])
 def test_valid_edge_cases_are_accepted(overrides):
     TransformerConfig(**dict(VALID, **overrides))
@@ -107,3 +118,11 @@ def test_derived_layer_counts():
     assert (cfg.encoder_layers, cfg.decoder_layers, cfg.total_layers) == (2, 2, 4)
     cfg = TransformerConfig(**dict(VALID, arch="encoder", num_layers=5))
     assert (cfg.encoder_layers, cfg.decoder_layers, cfg.head_dim) == (5, 0, 8)
+
+
+@pytest.mark.parametrize("residual,init", [
+    ("deepnorm", "deepnorm"), ("subln", "subln"), ("fixup", "fixup"), ("normformer", "xavier"),
+    ("layerscale", "xavier"), ("deepscale", "xavier"), ("rescaled", "xavier")])
+def test_auto_init_is_the_scheme_s_declared_init(residual, init):
+    norm = "none" if residual == "fixup" else "layernorm"
+    assert TransformerConfig(**dict(VALID, residual=residual, norm=norm)).resolved_init == init

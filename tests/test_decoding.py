@@ -199,6 +199,7 @@ from flax import nnx  # noqa: E402
 
 from deepnorm.config import RESIDUALS, TransformerConfig  # noqa: E402
 from deepnorm.decoding import incremental  # noqa: E402
+from deepnorm.residual import SCHEMES  # noqa: E402
 from deepnorm.transformer import Transformer  # noqa: E402
 
 
@@ -206,8 +207,8 @@ def tiny_model(arch, residual, scan_layers=True, seed=0, **extra):
     layers = (dict(num_encoder_layers=2, num_decoder_layers=2) if arch == "encoder_decoder"
               else dict(num_layers=2))
     cfg = TransformerConfig(arch=arch, vocab_size=11, d_model=16, num_heads=2, d_ff=32,
-                            residual=residual, norm="none" if residual == "rezero" else
-                            "layernorm", scan_layers=scan_layers, **layers, **extra)
+                            residual=residual, norm="layernorm" if SCHEMES[residual].uses_norm
+                            else "none", scan_layers=scan_layers, **layers, **extra)
     model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
     # Perturb every parameter, so ReZero's gates, Admin's omegas and the norms' scales are
     # not at their special initial values (a zero gate would hide a wrong branch).
@@ -239,8 +240,8 @@ TOKENS = jnp.array([[1, 5, 7, 3, 9], [1, 4, 4, 10, 2]])
 SOURCE = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 2, 5, 6]])  # row 0 padded
 
 
-def _check_cache(arch, residual, scan_layers):
-    model = tiny_model(arch, residual, scan_layers)
+def _check_cache(arch, residual, scan_layers, **extra):
+    model = tiny_model(arch, residual, scan_layers, **extra)
     graphdef, params = nnx.split(model, nnx.Param)
     src = SOURCE if arch == "encoder_decoder" else None
 
@@ -251,14 +252,23 @@ def _check_cache(arch, residual, scan_layers):
 
     cached, full = both(params)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-5, atol=1e-5,
-                               err_msg=f"{arch} {residual} scan_layers={scan_layers}")
+                               err_msg=f"{arch} {residual} scan_layers={scan_layers} {extra}")
 
 
 @pytest.mark.parametrize("arch,residual,scan_layers", [
     ("encoder_decoder", "deepnorm", True), ("decoder", "b2t", False),
-    ("encoder_decoder", "rezero", False), ("decoder", "mixln", True)])
+    ("encoder_decoder", "rezero", False), ("decoder", "mixln", True),
+    ("encoder_decoder", "resi_dual", True), ("decoder", "hyper", False)])
 def test_cached_decoder_equals_full_pass(arch, residual, scan_layers):
     _check_cache(arch, residual, scan_layers)
+
+
+@pytest.mark.parametrize("arch,residual", [("encoder_decoder", "normformer"),
+                                           ("decoder", "pre")])
+def test_cached_decoder_equals_full_pass_with_qk_norm(arch, residual):
+    """QK-norm normalizes the cached keys before they are written and the cross-attention
+    keys once per source; NormFormer's head scales sit in the cached path too."""
+    _check_cache(arch, residual, True, qk_norm=True)
 
 
 @pytest.mark.slow

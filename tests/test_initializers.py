@@ -197,3 +197,28 @@ def test_every_init_changes_the_parameters(init):
 
     base, other = kernels("xavier"), kernels(init)
     assert any(not np.allclose(base[r], other[r]) for r in base), init
+
+
+@pytest.mark.parametrize("arch,n,m,branches", [("decoder", 0, 16, 32), ("encoder", 16, 0, 32),
+                                               ("encoder_decoder", 4, 6, 8 + 18)])
+def test_fixup_zeroes_last_projections_and_scales_the_others_by_inverse_sqrt_branches(
+        arch, n, m, branches):
+    """Fixup: L^(-1/(2m-2)) with m = 2 layers per branch is L^(-1/2), L the network's residual
+    branches (2 per encoder / decoder-only layer, 3 per decoder layer with cross-attention)."""
+    layers = (dict(num_encoder_layers=n, num_decoder_layers=m) if arch == "encoder_decoder"
+              else dict(num_layers=n or m))
+    cfg = _cfg(arch=arch, residual="fixup", norm="none", **layers)
+    assert cfg.resolved_init == "fixup"
+    scale = branches ** -0.5
+    for stack in ("encoder", "decoder"):
+        if not getattr(cfg, f"{stack}_layers"):
+            continue
+        assert role_gains(cfg, stack) == {"query": 1.0, "key": 1.0, "value": scale, "out": 0.0,
+                                          "ffn_in": scale, "ffn_out": 0.0}
+    if arch == "decoder":
+        kernels = _kernels(Transformer(cfg, rngs=nnx.Rngs(6)), "decoder")
+        for role in ("out", "ffn_out"):
+            np.testing.assert_array_equal(np.asarray(kernels[role]), 0.0)
+        for role in ("value", "ffn_in"):
+            _assert_std(kernels[role], scale * _xavier_std(kernels[role]), rel=0.02)
+        _assert_std(kernels["query"], _xavier_std(kernels["query"]), rel=0.02)

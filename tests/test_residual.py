@@ -27,6 +27,7 @@ from flax import nnx
 
 from deepnorm import Transformer, TransformerConfig
 from deepnorm.profiling import admin_initialize
+from deepnorm.residual import SCHEMES
 
 D, HEADS, FF, VOCAB = 16, 2, 32, 30
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -36,7 +37,7 @@ def make_model(residual, num_layers=4, arch="encoder", seed=0, **kw):
     layers = (dict(num_encoder_layers=num_layers, num_decoder_layers=num_layers)
               if arch == "encoder_decoder" else dict(num_layers=num_layers))
     cfg = TransformerConfig(arch=arch, d_model=D, num_heads=HEADS, d_ff=FF, vocab_size=VOCAB,
-                            norm="none" if residual == "rezero" else "layernorm",
+                            norm="layernorm" if SCHEMES[residual].uses_norm else "none",
                             residual=residual, remat_policy="none", **layers, **kw)
     return Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -293,3 +294,266 @@ def test_every_scheme_gives_a_different_output():
     for a, b in itertools.combinations(ALL_SCHEMES, 2):
         diff = np.max(np.abs(outputs[a] - outputs[b]))
         assert diff > 1e-3, f"residual={a!r} and {b!r} give the same logits (max diff {diff})"
+
+
+# The schemes declared after the refactor: each against its equation -----------------------
+
+def perturb(stack, seed=0, scale=0.3):
+    """Moves every parameter off its init, so that a zero gate, a zero last projection
+    (Fixup) or a unit scale cannot hide a term in the wrong place."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            value = np.asarray(var[...])
+            var.set_value(jnp.asarray(value + scale * rng.normal(size=value.shape), jnp.float32))
+
+
+def _stack_output_and_reference(scheme, equation, num_layers=3, arch="encoder", **kw):
+    """Runs the scanned stack of ``scheme`` and the reference built from ``equation(blk,
+    name, f, ln, ln_out, x, layer)`` applied sublayer by sublayer."""
+    model = make_model(scheme, num_layers=num_layers, arch=arch, **kw)
+    stack = model.encoder if arch == "encoder" else model.decoder
+    perturb(stack, seed=num_layers)
+    x0 = random_stream(21)
+    x = stack.input_norm(x0) if stack.input_norm is not None else x0
+    for i in range(num_layers):
+        blk = block_at(stack, i)
+        for name, f, ln, ln_out in branches(blk, causal=arch != "encoder"):
+            x = equation(blk, name, f, ln, ln_out, x, i + 1)
+    if stack.final_norm is not None:
+        x = stack.final_norm(x)
+    got, _ = stack(x0, causal=arch != "encoder")
+    return model, got, x
+
+
+def test_fixup_is_x_plus_m_f_of_x_plus_b_in_plus_b_out():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        p = lambda k: getattr(blk, f"{name}_{k}")[...]  # noqa: E731
+        return x + p("multiplier") * f(x + p("bias_in")) + p("bias_out")
+
+    model, got, want = _stack_output_and_reference("fixup", eq)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert model.encoder.final_norm is None and model.encoder.layers.ffn_norm is None
+
+
+def test_fixup_init_zeroes_each_branch_s_last_projection_so_the_stack_is_the_identity():
+    model = make_model("fixup", num_layers=3)
+    layers = model.encoder.layers
+    for dense in (layers.self_attn.out, layers.ffn.ffn_out):
+        np.testing.assert_array_equal(np.asarray(dense.kernel[...]), 0.0)
+    np.testing.assert_array_equal(np.asarray(layers.ffn_multiplier[...]), 1.0)
+    x = random_stream(22)
+    np.testing.assert_array_equal(np.asarray(model.encoder(x)[0]), np.asarray(x))
+    assert model.config.resolved_init == "fixup"
+
+
+def _normformer_attention(attn, x, causal):
+    """Multi-head attention from the raw kernels, heads scaled before the out-projection."""
+    def proj(dense, h):
+        return h @ dense.kernel[...] + dense.bias[...]
+
+    b, t, _ = x.shape
+    split = lambda a: a.reshape(b, t, HEADS, D // HEADS)  # noqa: E731
+    q, k, v = split(proj(attn.query, x)), split(proj(attn.key, x)), split(proj(attn.value, x))
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D // HEADS)
+    if causal:
+        scores = jnp.where(np.tril(np.ones((t, t), bool)), scores, -1e30)
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+    o = o * attn.head_scale[...][:, None]
+    return proj(attn.out, o.reshape(b, t, D))
+
+
+def test_normformer_adds_post_attention_ln_head_scales_ffn_ln_and_residual_scale():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        if name == "ffn":
+            return blk.ffn_resid_scale[...] * x + _manual_ffn(blk.ffn, ln(x), blk.ffn.inner_norm)
+        return x + ln_out(_normformer_attention(blk.self_attn, ln(x), causal=True))
+
+    model, got, want = _stack_output_and_reference("normformer", eq, arch="decoder")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    blk = block_at(model.decoder, 0)
+    assert blk.self_attn.inner_norm is None and blk.ffn_norm_out is None
+    assert blk.self_attn.head_scale[...].shape == (HEADS,)
+
+
+def test_layerscale_is_x_plus_g_f_ln_x_with_cait_init():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return x + getattr(blk, f"{name}_layerscale")[...] * f(ln(x))
+
+    _, got, want = _stack_output_and_reference("layerscale", eq)
+    np.testing.assert_allclose(got, want, **TOL)
+    from deepnorm.residual import layerscale_init
+    for layers, eps in ((4, 0.1), (18, 0.1), (24, 1e-5), (25, 1e-6)):
+        cfg = TransformerConfig(num_layers=layers, d_model=D, num_heads=HEADS, d_ff=FF,
+                                residual="layerscale")
+        assert layerscale_init(cfg, layers) == eps
+    init = make_model("layerscale", num_layers=4).encoder.layers.ffn_layerscale[...]
+    np.testing.assert_allclose(init, np.full((4, D), 0.1, np.float32))
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_deepscale_is_lambda_x_plus_beta_f_with_unit_sum_of_squares(arch):
+    num_layers = 3
+    beta = (1 / (2 * num_layers)) ** 0.5  # beta^2 = 1 / (branches in the stack)
+    lam = (1 - beta ** 2) ** 0.5
+
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return lam * x + beta * f(ln(x))
+
+    _, got, want = _stack_output_and_reference("deepscale", eq, num_layers, arch=arch)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_deepscale_counts_cross_attention_branches():
+    from deepnorm.initializers import layer_constants
+    cfg = make_model("deepscale", num_layers=2, arch="encoder_decoder").config
+    for stack, branches_per_layer in (("encoder", 2), ("decoder", 3)):
+        c = layer_constants(cfg, stack, 2)
+        np.testing.assert_allclose(c["beta"] ** 2, 1 / (branches_per_layer * 2), rtol=1e-6)
+        np.testing.assert_allclose(c["alpha"] ** 2 + c["beta"] ** 2, 1.0, rtol=1e-6)
+
+
+def test_rescaled_is_ln_of_lambda_x_plus_f():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return ln(3.0 * x + f(x))
+
+    _, got, want = _stack_output_and_reference("rescaled", eq, skip_lambda=3.0)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_every_declared_scheme_differs_from_every_other_off_its_init():
+    """No silent no-op, for every scheme declared (a new one included without listing it):
+    with every parameter moved off its init, no two schemes give the same logits."""
+    tokens = jnp.asarray(np.random.default_rng(13).integers(1, VOCAB, (2, 6)), jnp.int32)
+    outputs = {}
+    for scheme in SCHEMES:
+        # Mix-LN's fraction 0.5 of 2 layers: one Post-LN layer (the default 0.25 rounds to 0).
+        model = make_model(scheme, num_layers=2, arch="decoder", mixln_fraction=0.5)
+        perturb(model.decoder, seed=5, scale=0.1)
+        outputs[scheme] = np.asarray(model(tokens)[0])
+    for a, b in itertools.combinations(SCHEMES, 2):
+        diff = np.max(np.abs(outputs[a] - outputs[b]))
+        assert diff > 1e-3, f"residual={a!r} and {b!r} give the same logits (max diff {diff})"
+
+
+def test_standalone_block_carries_its_layer_s_constants_and_gains():
+    """Block.standalone(cfg, l) is layer l of cfg's stack: DeepNorm's alpha and beta built
+    in, so block(x) needs no constants, and equals the stack's layer with the same weights."""
+    from deepnorm import Block
+    model = make_model("deepnorm", num_layers=4)
+    blk = Block.standalone(model.config, 3, rngs=nnx.Rngs(0))
+    assert blk.consts["alpha"] == pytest.approx((2 * 4) ** 0.25)
+    assert blk.consts["layer"] == 3
+    beta = (8 * 4) ** -0.25
+    kernel = np.asarray(blk.ffn.ffn_out.kernel[...])
+    assert np.std(kernel) == pytest.approx(beta * np.sqrt(2 / (FF + D)), rel=0.15)
+    x = random_stream(23)
+    stacked = block_at(model.encoder, 2)
+    nnx.update(blk, nnx.state(stacked, nnx.Param))
+    from deepnorm.initializers import layer_constants
+    consts = jax.tree.map(lambda a: a[2], layer_constants(model.config, "encoder", 4))
+    np.testing.assert_allclose(blk(x)[0], stacked(x, consts)[0], **TOL)
+    with pytest.raises(ValueError, match="Block.standalone"):
+        stacked(x)
+
+
+def test_respost_is_x_plus_ln_of_f_x():
+    def eq(blk, name, f, ln, ln_out, x, layer):
+        return x + ln_out(f(x))
+
+    model, got, want = _stack_output_and_reference("respost", eq)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert model.encoder.layers.ffn_norm is None and model.encoder.final_norm is not None
+
+
+def test_resi_dual_carries_a_post_ln_and_a_dual_stream():
+    """ResiDual: x_a <- LN(x_a + F(x_a)), x_d <- x_d + F(x_a), both from the embedding
+    output; the stack returns x_a + LN_final(x_d)."""
+    model = make_model("resi_dual", num_layers=3, arch="decoder")
+    stack = model.decoder
+    perturb(stack, seed=8)
+    x0 = random_stream(24)
+    xa, xd = x0, x0
+    for i in range(3):
+        for name, f, ln, _ in branches(block_at(stack, i), causal=True):
+            y = f(xa)
+            xa, xd = ln(xa + y), xd + y
+    got, stats = stack(x0, causal=True)
+    np.testing.assert_allclose(got, xa + stack.final_norm(xd), **TOL)
+    # The statistics describe the Post-LN stream.
+    np.testing.assert_allclose(stats["stream_out_norm"][-1, -1],
+                               jnp.mean(jnp.linalg.norm(xa, axis=-1)), rtol=1e-5)
+
+
+def test_resi_dual_scanned_equals_unrolled_and_gradients_agree():
+    tokens = jnp.asarray(np.random.default_rng(25).integers(1, VOCAB, (2, 6)), jnp.int32)
+    scanned = make_model("resi_dual", num_layers=3, arch="decoder")
+    unrolled = make_model("resi_dual", num_layers=3, arch="decoder", scan_layers=False)
+
+    def loss(model):
+        return jnp.mean(model(tokens)[0] ** 2)
+
+    np.testing.assert_allclose(scanned(tokens)[0], unrolled(tokens)[0], **TOL)
+    g_scan, g_loop = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_hyper_connections_mix_n_streams_by_their_definition():
+    """h = sum_i a_i H_i; H_j <- sum_i A_ij H_i + b_j F(LN(h)); output LN(sum_i H_i)."""
+    model = make_model("hyper", num_layers=3, arch="decoder")
+    stack = model.decoder
+    init = block_at(stack, 1)  # layer 2: its sublayers are places 2 and 3 of the stack
+    np.testing.assert_array_equal(init.self_attn_width[...], np.eye(4)[2])
+    np.testing.assert_array_equal(init.ffn_width[...], np.eye(4)[3])
+    np.testing.assert_array_equal(init.ffn_mix[...], np.eye(4))
+    np.testing.assert_array_equal(init.ffn_depth[...], np.ones(4))
+    perturb(stack, seed=9)
+    x0 = random_stream(26)
+    streams = np.stack([np.asarray(x0)] * 4)
+    for i in range(3):
+        blk = block_at(stack, i)
+        for name, f, ln, _ in branches(blk, causal=True):
+            a, mix, b = (np.asarray(getattr(blk, f"{name}_{k}")[...])
+                         for k in ("width", "mix", "depth"))
+            y = np.asarray(f(ln(jnp.asarray(np.tensordot(a, streams, 1)))))
+            streams = np.einsum("ij,ibtd->jbtd", mix, streams) + b[:, None, None, None] * y
+    got, _ = stack(x0, causal=True)
+    want = stack.final_norm(jnp.asarray(streams.sum(0)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_hyper_connections_at_init_are_pre_ln_and_scan_equals_unrolled():
+    tokens = jnp.asarray(np.random.default_rng(27).integers(1, VOCAB, (2, 6)), jnp.int32)
+    hyper = make_model("hyper", num_layers=3, arch="decoder")
+    pre = make_model("pre", num_layers=3, arch="decoder")
+    # Same seed, same weights: with equal streams, A = I and b = 1, every stream is Pre-LN's
+    # and LN(4 x) = LN(x) up to eps.
+    np.testing.assert_allclose(hyper(tokens)[0], pre(tokens)[0], rtol=1e-4, atol=1e-4)
+    perturb(hyper.decoder, seed=10, scale=0.1)
+    unrolled = make_model("hyper", num_layers=3, arch="decoder", scan_layers=False)
+    nnx.update(unrolled, nnx.state(hyper, nnx.Param))
+    np.testing.assert_allclose(hyper(tokens)[0], unrolled(tokens)[0], **TOL)
+
+
+@pytest.mark.parametrize("scheme", ["resi_dual", "hyper"])
+def test_multi_stream_stack_traces_one_layer_whatever_the_depth(scheme):
+    """The streams are one scan carry: the traced forward has the same equations at 2 and 12
+    layers (benchmarks/depth_compile.py --residual measures the compile time)."""
+    def equations(num_layers):
+        model = nnx.eval_shape(lambda: make_model(scheme, num_layers=num_layers, arch="decoder"))
+        graphdef, state = nnx.split(model)
+        tokens = jnp.ones((2, 6), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens)[0])(state)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert equations(2) == equations(12)
+
+
+def test_register_refuses_a_taken_name_and_a_scheme_without_one_equation():
+    from deepnorm.residual import Scheme, register
+    with pytest.raises(ValueError, match="'pre' is already registered"):
+        register(Scheme("pre", "Pre-LN", "#000000", lambda x, s, c: x))
+    with pytest.raises(ValueError, match="exactly one of step and layer"):
+        register(Scheme("neither", "Neither", "#000000"))
+    assert "neither" not in SCHEMES

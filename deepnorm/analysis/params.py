@@ -29,7 +29,7 @@ def init_params(cfg, seeds, profile_batch=None):
     ``profile_batch`` (one batch) is needed by Admin (Liu et al. 2020), whose residual weights
     omega come from a forward pass at initialization; each seed is profiled on its own model.
     """
-    if cfg.residual != "admin":
+    if not cfg.scheme.profiled:
         profile_batch = None  # only Admin reads it; None keeps one compiled init per config
     elif profile_batch is None:
         raise ValueError("residual='admin' needs a profile_batch to set its omegas")

@@ -12,22 +12,12 @@ from collections import defaultdict
 import matplotlib.pyplot as plt
 import numpy as np
 
-from deepnorm.analysis.schemes import SCHEMES
+from deepnorm.analysis.schemes import COLORS, LABELS, SCHEMES
 
-# One colour per scheme, the same in every figure: the three the papers compare get the
-# strongest colours (Post-LN red, Pre-LN blue, DeepNorm green).
-COLORS = {
-    "post": "#d62728", "pre": "#1f77b4", "deepnorm": "#2ca02c", "sandwich": "#9467bd",
-    "peri": "#8c564b", "subln": "#e377c2", "b2t": "#7f7f7f", "rezero": "#bcbd22",
-    "admin": "#17becf", "mixln": "#ff7f0e", "lnscale": "#393b79", "tfixup": "#843c39",
-    "dsinit": "#637939",
-}
+# One colour per scheme, the same in every figure (declared with the scheme, deepnorm.residual):
+# the three the papers compare get the strongest colours (Post-LN red, Pre-LN blue, DeepNorm
+# green).
 assert set(COLORS) == set(SCHEMES), "every scheme needs its colour"
-
-LABELS = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "sandwich": "Sandwich-LN",
-          "peri": "Peri-LN", "subln": "SubLN", "b2t": "B2T", "rezero": "ReZero",
-          "admin": "Admin", "mixln": "Mix-LN", "lnscale": "LN-Scaling", "tfixup": "T-Fixup",
-          "dsinit": "DS-Init"}
 
 PARAM_TITLES = {"ffn_out": "FFN output W2", "ffn_in": "FFN input W1",
                 "self_attn.query": "self-attn query", "self_attn.key": "self-attn key",

@@ -1,27 +1,38 @@
 """Named schemes for the analysis: a residual placement plus the norm and init it needs.
 
-Most schemes are one ``model.residual`` value (post, pre, deepnorm, ...). A few methods in the
-literature are an *initialization* on top of a residual placement, so they get a name here:
+Most schemes are one ``model.residual`` value (post, pre, deepnorm, ...), declared in
+``deepnorm.residual``; a scheme declared without a norm (ReZero, Fixup, ...) also sets
+``norm="none"``. A few methods in the literature are an *initialization* on top of a residual
+placement, so they get a name here:
 
 ``tfixup``  T-Fixup (Huang et al. 2020): Post-LN's x + F(x) with no norm and the T-Fixup init.
 ``dsinit``  DS-Init (Zhang, Titov, Sennrich 2019): Post-LN with layer l's init scaled 1/sqrt(l).
 
-``rezero`` switches the norm off, as ReZero (Bachlechner et al. 2020) has none.
+and one method is another's equation under its own name:
+
+``skipinit``  SkipInit (De & Smith 2020): x + a F(x), a = 0 at init, no norm: ReZero's equation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from deepnorm.config import RESIDUALS, ConfigError, TransformerConfig
+from deepnorm.config import ConfigError, TransformerConfig
+from deepnorm.residual import SCHEMES as DECLARED
 
 # scheme name -> the model fields it sets on top of the base configuration.
 PRESETS: dict[str, dict] = {
-    **{name: {"residual": name} for name in RESIDUALS},
-    "rezero": {"residual": "rezero", "norm": "none"},
+    **{name: {"residual": name, **({} if s.uses_norm else {"norm": "none"})}
+       for name, s in DECLARED.items()},
     "tfixup": {"residual": "post", "norm": "none", "init": "tfixup"},
     "dsinit": {"residual": "post", "init": "dsinit"},
+    "skipinit": {"residual": "rezero", "norm": "none"},
 }
+# Figure colour and label of each name (declared schemes carry their own).
+COLORS = {**{name: s.color for name, s in DECLARED.items()},
+          "tfixup": "#843c39", "dsinit": "#637939", "skipinit": "#dbdb8d"}
+LABELS = {**{name: s.label for name, s in DECLARED.items()},
+          "tfixup": "T-Fixup", "dsinit": "DS-Init", "skipinit": "SkipInit"}
 SCHEMES = tuple(PRESETS)
 
 
@@ -47,7 +58,7 @@ def scheme_config(base: TransformerConfig, scheme: str, depth: int | None = None
     fields = dict(PRESETS[scheme])
     if "norm" not in fields and base.norm == "none":
         fields["norm"] = "layernorm"
-    if "init" not in fields and base.init in ("tfixup", "dsinit"):
+    if "init" not in fields and base.init in ("tfixup", "dsinit", "fixup"):
         fields["init"] = "auto"  # the base's special init belongs to its own scheme
     if depth is not None:
         if base.arch == "encoder_decoder":

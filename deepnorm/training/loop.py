@@ -320,7 +320,7 @@ def _setup(config, workdir: str) -> _Run:
                      "train.num_steps to continue)", workdir, run.start_step)
         return run
     if run.state is None:
-        admin_batch = data.first_batch() if model_cfg.residual == "admin" else None
+        admin_batch = data.first_batch() if model_cfg.scheme.profiled else None
         scaling = loss_scale_lib.uses_loss_scaling(model_cfg.dtype)
         run.graphdef, run.state = create_train_state(
             model_cfg, tx, train.seed, shardings=shardings, admin_batch=admin_batch,

@@ -38,7 +38,7 @@ class TrainState:
 def build_model(model_cfg: TransformerConfig, seed: int, admin_batch=None) -> Transformer:
     """The model at initialization; Admin's omegas are profiled on ``admin_batch`` if given."""
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
-    if model_cfg.residual == "admin":
+    if model_cfg.scheme.profiled:
         if admin_batch is None:
             raise ValueError("residual='admin' needs a batch to profile (admin_batch)")
         from deepnorm.profiling import admin_initialize  # only Admin needs the profiling pass
@@ -68,7 +68,7 @@ def _init_fn(model_cfg: TransformerConfig, tx, seed: int, admin_batch=None,
 def abstract_train_state(model_cfg: TransformerConfig, tx, seed: int = 0) -> TrainState:
     """The TrainState's shapes and dtypes, without computing anything (a restore target)."""
     profile_stub = None
-    if model_cfg.residual == "admin":  # the omegas' shapes do not depend on the batch
+    if model_cfg.scheme.profiled:  # the omegas' shapes do not depend on the batch
         profile_stub = {"inputs": jnp.ones((1, 2), jnp.int32),
                         "decoder_inputs": (jnp.ones((1, 2), jnp.int32)
                                            if model_cfg.arch == "encoder_decoder" else None)}
