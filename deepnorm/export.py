@@ -28,27 +28,14 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from deepnorm.config import FINAL_NORM_RESIDUALS
 from deepnorm.initializers import layer_constants
+from deepnorm import residual as residual_lib
 from deepnorm.layers import Dense
 from deepnorm.norms import NORM_CLASSES, DyT, Identity, LayerNorm, RMSNorm, ScaleNorm
 
-# Where a residual scheme puts a Block's ``{sublayer}_norm``:
-#   "input"  its output feeds only the branch's first projections (x + F(N(x)) and variants):
-#            gain and bias fold into those projections;
-#   "stream" its output is the residual stream itself (x <- N(... + F(x))), which the next
-#            sublayer reads and also carries on its skip path: the affine stays;
-#   "mixed"  by layer (Mix-LN); None: the scheme has no norm in its blocks.
-# A scheme missing here is left unfolded and reported as such.
-BRANCH_NORM_PLACEMENT: dict[str, str | None] = {
-    "pre": "input", "sandwich": "input", "peri": "input", "subln": "input", "lnscale": "input",
-    "post": "stream", "deepnorm": "stream", "admin": "stream", "b2t": "stream",
-    "mixln": "mixed", "rezero": None,
-}
-
-# A per-layer scalar a scheme multiplies an input norm's output by before the branch, named in
-# ``layer_constants``: the folded bias is b W times it (the gain commutes with it).
-INPUT_NORM_SCALE = {"lnscale": "lnscale"}
+# Where each scheme puts a Block's ``{sublayer}_norm`` is its declaration's ``norm_feeds``
+# (deepnorm.residual): "branch" folds into the branch's first projections, "stream" and
+# "mixed" stay, and an undeclared scheme is left unfolded and reported as such.
 
 # The projections that read a sublayer's input norm (cross-attention's keys and values read the
 # encoder output instead), and the projection that writes the sublayer into the stream.
@@ -70,6 +57,8 @@ MIXED_REASON = ("one stacked norm per sublayer serves the Post-LN layers (output
 OUT_NORM_REASON = ("normalizes the branch output before it is added to the stream: the "
                    "normalization sits between the branch's last projection and the gain, and "
                    "the next norm normalizes the sum, so the gain has nowhere to go")
+MERGED_REASON = ("the stack's output adds another residual stream to the final norm's output "
+                 "(ResiDual: x_a + LN(x_d)), so its gain has no projection of its own to go to")
 PERI_INPUT_REASON = "normalizes the embeddings into the stream itself (a stream norm)"
 TIED_REASON = ("the head is the embedding table (tie_embeddings=True): folding the gain into it "
                "would change the input embeddings too; untie_head=True folds it into a "
@@ -173,15 +162,16 @@ def _stacks(model):
 def _fold_blocks(model, stack_name: str, stack, report: FoldReport) -> None:
     cfg = model.config
     block = stack.layers
-    placement = BRANCH_NORM_PLACEMENT.get(cfg.residual, "unknown")
+    scheme = residual_lib.get(cfg.residual)
+    placement = scheme.norm_feeds
     scale = None
-    if cfg.residual in INPUT_NORM_SCALE:
-        scale = layer_constants(cfg, stack_name, stack.num_layers)[INPUT_NORM_SCALE[cfg.residual]]
+    if scheme.norm_scale is not None:
+        scale = layer_constants(cfg, stack_name, stack.num_layers)[scheme.norm_scale]
     for name in block.sublayer_names:
         site = f"{stack_name}.layers.{name}_norm"
         branch = getattr(block, name)
         if getattr(block, f"{name}_norm", None) is not None:
-            if placement == "input" and name in BRANCH_READERS:
+            if placement == "branch" and name in BRANCH_READERS:
                 readers = {f"{stack_name}.layers.{name}.{r}": getattr(branch, r)
                            for r in BRANCH_READERS[name]}
                 _fold_norm(block, f"{name}_norm", readers, site, report, scale)
@@ -220,7 +210,9 @@ def _fold_final_norms(model, report: FoldReport) -> None:
         if stack.final_norm is None:
             continue
         site = f"{stack_name}.final_norm"
-        if stack_name == "encoder" and model.decoder is not None:
+        if not residual_lib.get(model.config.residual).final_norm_is_output:
+            report.remaining.append((site, MERGED_REASON))
+        elif stack_name == "encoder" and model.decoder is not None:
             # The encoder output is read only by every decoder layer's cross-attention keys
             # and values.
             cross = model.decoder.layers.cross_attn
@@ -236,10 +228,11 @@ def _fold_final_norms(model, report: FoldReport) -> None:
 def _centering_blocker(model) -> str | None:
     """Why centering would not be exact for this model (None: it is)."""
     cfg = model.config
-    if BRANCH_NORM_PLACEMENT.get(cfg.residual) != "input":
-        return (f"residual={cfg.residual!r} reads the stream other than through its input "
-                "norms")
-    if cfg.residual not in FINAL_NORM_RESIDUALS:
+    scheme = residual_lib.get(cfg.residual)
+    if not scheme.centerable:
+        return (f"residual={cfg.residual!r} writes into the stream other than as a scalar "
+                "sum of its projections, or reads it other than through a norm")
+    if not scheme.final_norm:
         return f"residual={cfg.residual!r} has no final norm: the head reads the stream itself"
     if cfg.norm != "layernorm":
         return f"norm={cfg.norm!r} does not subtract the mean (only layernorm does)"

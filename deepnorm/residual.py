@@ -13,6 +13,10 @@ A :class:`Scheme` holds everything a placement needs, and is the only place that
 ``params``     its extra learned parameters per sublayer and their init (gate, omega, ...)
 ``constants``  its layer-index constants, arrays scanned with the weights
 ``init``       what ``model.init="auto"`` means for it
+``norm_feeds`` what the output of ``norm`` feeds, for folding it away (deepnorm.export):
+               ``"branch"`` (only the branch's first projections), ``"stream"`` (it is the
+               residual stream), ``"mixed"`` (by layer); ``centerable`` whether LayerNorm's
+               centering can be folded into the stream's writers exactly
 
 ``Block`` and ``Stack`` (deepnorm.transformer) build from the declaration; the config validates
 against it; the analysis lists it. Each sublayer is of kind ``attn`` (self- or
@@ -121,6 +125,19 @@ class Scheme:
     # stack's output.
     streams: int = 1
     merge: Callable | None = None
+    # What the output of `norm` feeds: "branch" (only the branch's first projections, so its
+    # gain and bias fold into them), "stream" (the norm's output is the stream, carried on the
+    # skip path too: the affine stays) or "mixed" (by layer); None: not declared, left
+    # unfolded. `norm_scale` names a constant the norm's output is multiplied by first.
+    norm_feeds: str | None = None
+    norm_scale: str | None = None
+    # Every write into the stream is a scalar-weighted sum of the writing projections' outputs
+    # and every read goes through a norm: removing the projections' d_model mean keeps the
+    # stream at zero mean, so LayerNorm's centering folds away exactly.
+    centerable: bool = False
+    # The stack's output is its final norm's output (so the norm's affine folds into the head
+    # or the cross-attention); False where `merge` adds another stream to it (ResiDual).
+    final_norm_is_output: bool = True
 
     @property
     def uses_norm(self) -> bool:
@@ -162,6 +179,9 @@ def register(scheme: Scheme) -> Scheme:
         raise ValueError(f"residual scheme {scheme.name!r} is already registered")
     if (scheme.step is None) == (scheme.layer is None):
         raise ValueError(f"scheme {scheme.name!r} needs exactly one of step and layer")
+    if scheme.norm_feeds not in (None, "branch", "stream", "mixed"):
+        raise ValueError(f"scheme {scheme.name!r}: norm_feeds={scheme.norm_feeds!r}, allowed: "
+                         "None, 'branch', 'stream', 'mixed'")
     SCHEMES[scheme.name] = scheme
     return scheme
 
@@ -178,7 +198,7 @@ def post(x, s, c):
     return s.ln(x + s.f(x))
 
 
-register(Scheme("post", "Post-LN", "#d62728", post, norm_optional=True))
+register(Scheme("post", "Post-LN", "#d62728", post, norm_optional=True, norm_feeds="stream"))
 
 
 def pre(x, s, c):
@@ -186,7 +206,8 @@ def pre(x, s, c):
     return x + s.f(s.ln(x))
 
 
-register(Scheme("pre", "Pre-LN", "#1f77b4", pre, final_norm=True))
+register(Scheme("pre", "Pre-LN", "#1f77b4", pre, final_norm=True, norm_feeds="branch",
+                centerable=True))
 
 
 def sandwich(x, s, c):
@@ -194,7 +215,8 @@ def sandwich(x, s, c):
     return x + s.ln_out(s.f(s.ln(x)))
 
 
-register(Scheme("sandwich", "Sandwich-LN", "#9467bd", sandwich, norm_out=BOTH, final_norm=True))
+register(Scheme("sandwich", "Sandwich-LN", "#9467bd", sandwich, norm_out=BOTH, final_norm=True,
+                norm_feeds="branch"))
 
 
 def peri(x, s, c):
@@ -207,7 +229,7 @@ def peri(x, s, c):
 
 
 register(Scheme("peri", "Peri-LN", "#8c564b", peri, norm_out=BOTH, input_norm=True,
-                final_norm=True))
+                final_norm=True, norm_feeds="branch"))
 
 
 def deepnorm(x, s, c):
@@ -223,7 +245,7 @@ def _deepnorm_constants(cfg, stack, index_L):
 
 
 register(Scheme("deepnorm", "DeepNorm", "#2ca02c", deepnorm, constants=_deepnorm_constants,
-                init="deepnorm"))
+                init="deepnorm", norm_feeds="stream"))
 
 
 def subln(x, s, c):
@@ -233,7 +255,7 @@ def subln(x, s, c):
 
 
 register(Scheme("subln", "SubLN", "#e377c2", subln, inner_norm=BOTH, final_norm=True,
-                init="subln"))
+                init="subln", norm_feeds="branch", centerable=True))
 
 
 def b2t(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
@@ -251,7 +273,7 @@ def b2t(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
     return states
 
 
-register(Scheme("b2t", "B2T", "#7f7f7f", layer=b2t))
+register(Scheme("b2t", "B2T", "#7f7f7f", layer=b2t, norm_feeds="stream"))
 
 
 def rezero(x, s, c):
@@ -267,7 +289,7 @@ def admin(x, s, c):
     return s.ln(s.omega * x + s.f(x))
 
 
-register(Scheme("admin", "Admin", "#17becf", admin, profiled=True,
+register(Scheme("admin", "Admin", "#17becf", admin, profiled=True, norm_feeds="stream",
                 params=(Param("omega", 1.0, shape="d_model"),)))
 
 
@@ -288,7 +310,7 @@ def _mixln_constants(cfg, stack, index_L):
 
 
 register(Scheme("mixln", "Mix-LN", "#ff7f0e", mixln, final_norm=True,
-                constants=_mixln_constants))
+                constants=_mixln_constants, norm_feeds="mixed"))
 
 
 def lnscale(x, s, c):
@@ -297,6 +319,7 @@ def lnscale(x, s, c):
 
 
 register(Scheme("lnscale", "LN-Scaling", "#393b79", lnscale, final_norm=True,
+                norm_feeds="branch", norm_scale="lnscale", centerable=True,
                 constants=lambda cfg, stack, index_L: {"lnscale": 1.0 / np.sqrt(index_L)}))
 
 
@@ -330,7 +353,7 @@ def normformer(x, s, c):
 
 
 register(Scheme("normformer", "NormFormer", "#e7969c", normformer, norm_out=frozenset({ATTN}),
-                inner_norm=frozenset({FFN}), head_scale=True, final_norm=True,
+                inner_norm=frozenset({FFN}), head_scale=True, final_norm=True, norm_feeds="branch",
                 params=(Param("resid_scale", 1.0, shape="d_model", kinds=frozenset({FFN})),)))
 
 
@@ -348,6 +371,7 @@ def layerscale_init(cfg, num_layers: int, position=None) -> float:
 
 
 register(Scheme("layerscale", "LayerScale", "#6b6ecf", layerscale, final_norm=True,
+                norm_feeds="branch",
                 params=(Param("layerscale", layerscale_init, shape="d_model"),)))
 
 
@@ -370,7 +394,7 @@ def _deepscale_constants(cfg, stack, index_L):
 
 
 register(Scheme("deepscale", "DeepScaleLM", "#8ca252", deepscale, final_norm=True,
-                constants=_deepscale_constants))
+                constants=_deepscale_constants, norm_feeds="branch", centerable=True))
 
 
 def rescaled(x, s, c):
@@ -379,7 +403,7 @@ def rescaled(x, s, c):
     return s.ln(c["alpha"] * x + s.f(x))
 
 
-register(Scheme("rescaled", "Rescaled-LN", "#bd9e39", rescaled,
+register(Scheme("rescaled", "Rescaled-LN", "#bd9e39", rescaled, norm_feeds="stream",
                 constants=lambda cfg, stack, index_L: {
                     "alpha": np.full(index_L.shape, cfg.skip_lambda, np.float32)}))
 
@@ -405,6 +429,7 @@ def resi_dual(x, s, c):
 
 
 register(Scheme("resi_dual", "ResiDual", "#9c9ede", resi_dual, final_norm=True, streams=2,
+                norm_feeds="stream", final_norm_is_output=False,
                 merge=lambda x, final_norm: x[0] + final_norm(x[1])))
 
 
@@ -426,6 +451,7 @@ def hyper(x, s, c):
 
 register(Scheme(
     "hyper", "Hyper-connections", "#cedb9c", hyper, final_norm=True, streams=HYPER_STREAMS,
+    norm_feeds="branch", centerable=True,
     merge=lambda x, final_norm: final_norm(jnp.sum(x, axis=0)),
     params=(Param("width", lambda cfg, layers, k: jax.nn.one_hot(
                 jnp.asarray(k).astype(jnp.int32) % HYPER_STREAMS, HYPER_STREAMS), shape=(HYPER_STREAMS,)),

@@ -5,6 +5,8 @@ Every parameter is perturbed first (gains away from 1, biases away from 0, DeepN
 ReZero / DyT scalars too), so a fold that dropped a gain or a bias would show.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,19 +14,27 @@ import pytest
 from flax import nnx
 
 from deepnorm import Transformer, TransformerConfig, export, norms
+from deepnorm import residual as residual_lib
 from deepnorm.config import NORMS, RESIDUALS
 from deepnorm.decoding import incremental
 
 V = 40
-# The schemes whose every norm folds (an untied head), and the ones where some norm stays.
-FULL = {"pre", "subln", "lnscale"}
-PARTLY = {"sandwich", "peri", "mixln"}  # input norms or the final norm fold, others stay
-NONE = {"post", "deepnorm", "admin", "b2t", "rezero"}
+# The schemes whose every norm folds (an untied head), the ones among them whose LayerNorm
+# centering folds too, and the ones where some norm stays or none folds.
+FULL = {"pre", "subln", "lnscale", "layerscale", "deepscale", "hyper"}
+CENTERED = {"pre", "subln", "lnscale", "deepscale", "hyper"}
+PARTLY = {"sandwich", "peri", "mixln", "normformer", "respost"}
+NONE = {"post", "deepnorm", "admin", "b2t", "rezero", "fixup", "rescaled", "resi_dual"}
+NORM_FREE = {r for r in RESIDUALS if not residual_lib.get(r).uses_norm}  # rezero, fixup
+
+
+def test_the_sets_cover_every_declared_scheme():
+    assert FULL | PARTLY | NONE == set(RESIDUALS) and not (FULL & PARTLY) and not FULL & NONE
 
 
 def make(residual="pre", norm="layernorm", arch="decoder", *, tie=False, positions="learned",
          use_bias=False, seed=0, **kw):
-    if residual == "rezero":
+    if residual in NORM_FREE:
         norm = "none"
     layers = (dict(num_encoder_layers=2, num_decoder_layers=2) if arch == "encoder_decoder"
               else dict(num_layers=2))
@@ -62,8 +72,8 @@ def test_every_scheme_folds_what_it_claims_and_keeps_outputs(residual):
     folded, report = export.fold_norms(model)
     assert type(folded) is Transformer
     assert_same_outputs(model, folded)
-    assert report.complete == (residual in FULL | {"rezero"}), str(report)  # rezero: no norm
-    if residual in FULL:  # centering too: layernorm, untied head, learned positions
+    assert report.complete == (residual in FULL | NORM_FREE), str(report)
+    if residual in CENTERED:  # centering too: layernorm, untied head, learned positions
         assert report.centered and report.not_centered is None
         assert isinstance(folded.decoder.layers.ffn_norm, norms.RMSNorm)
         assert folded.decoder.layers.ffn_norm.scale is None
@@ -181,7 +191,8 @@ def test_strict_raises_and_original_is_untouched():
 
 
 def test_a_scheme_without_a_rule_is_reported_not_folded(monkeypatch):
-    monkeypatch.delitem(export.BRANCH_NORM_PLACEMENT, "pre")
+    undeclared = dataclasses.replace(residual_lib.get("pre"), norm_feeds=None, centerable=False)
+    monkeypatch.setitem(residual_lib.SCHEMES, "pre", undeclared)
     model = make("pre")
     folded, report = export.fold_norms(model)
     assert_same_outputs(model, folded)
@@ -236,12 +247,12 @@ def test_cached_greedy_translation_of_a_folded_encoder_decoder():
 @pytest.mark.parametrize("tie", [False, True])
 def test_every_scheme_norm_arch_and_head(residual, norm, arch, tie):
     """The whole grid (opt-in): outputs equal, and a full fold exactly where FULL says."""
-    if residual == "rezero" and norm != "layernorm":
-        pytest.skip("rezero has no norm: one case covers it")
+    if residual in NORM_FREE and norm != "layernorm":
+        pytest.skip(f"{residual} has no norm: one case covers it")
     model = make(residual, norm, arch, tie=tie)
     folded, report = export.fold_norms(model)
     assert_same_outputs(model, folded)
-    assert report.complete == (residual == "rezero" or (residual in FULL and not tie)), str(report)
+    assert report.complete == (residual in NORM_FREE or (residual in FULL and not tie)), str(report)
 
 
 def test_export_page_snippet_runs():
