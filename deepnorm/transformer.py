@@ -105,13 +105,15 @@ def check_extra_stats(extra_stats) -> frozenset:
 def token_kurtosis(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
     """Pearson kurtosis E[(x - m)^4] / var^2 of every element of the real tokens' vectors,
     in float32 (``scipy.stats.kurtosis(fisher=False)`` of those elements); 0 for a constant
-    tensor, whose kurtosis is undefined. No gradient flows through it."""
+    tensor (a variance below float32 rounding of the mean square), whose kurtosis is
+    undefined. No gradient flows through it."""
     w = _token_weights(x_BxTxD, token_mask_BxT)[..., None] / x_BxTxD.shape[-1]
     x = jax.lax.stop_gradient(x_BxTxD).astype(jnp.float32)
     centred = x - jnp.sum(w * x)
     var = jnp.sum(w * jnp.square(centred))
     fourth = jnp.sum(w * jnp.square(jnp.square(centred)))
-    return jnp.where(var > 0, fourth / jnp.where(var > 0, var, 1.0) ** 2, 0.0)
+    spread = var > 1e-10 * jnp.sum(w * jnp.square(x))
+    return jnp.where(spread, fourth / jnp.where(spread, var, 1.0) ** 2, 0.0)
 
 
 def token_max_abs(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
