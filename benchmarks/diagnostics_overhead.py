@@ -3,6 +3,7 @@ and with every group.
 
     python benchmarks/diagnostics_overhead.py            # goal: every group <= 10% of a step
     python benchmarks/diagnostics_overhead.py --quick
+    python benchmarks/diagnostics_overhead.py --quick --per-group --rounds 5 --steps 2
 
 The step is the training loop's own (``deepnorm.training.steps.make_train_step``), jitted with
 the state donated, three ways: ``off`` (no diagnostics), ``norms`` (the per-layer gradient,
@@ -30,6 +31,7 @@ if __name__ == "__main__":
 
 import bench_common as bc  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
+from deepnorm.training.diagnostics import GROUPS  # noqa: E402
 
 # (label, d_model, layers)
 SHAPES = [("d=64 L=100", 64, 100), ("d=256 L=24", 256, 24)]
@@ -39,16 +41,21 @@ BATCH, SEQ = 8, 64
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, help="alternating rounds (7; --quick: 3)")
+    p.add_argument("--steps", type=int, help="steps per round (3; --quick: 1)")
     p.add_argument("--remat", default="save_dots")
+    p.add_argument("--per-group", action="store_true",
+                   help="also each group alone (its overhead over off, in CPU time)")
     args = p.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
-    rounds, steps = (3, 1) if args.quick else (args.rounds, args.steps)
+    rounds = args.rounds or (3 if args.quick else 7)
+    steps = args.steps or (1 if args.quick else 3)
     print(bc.machine_line() + f"; {hugepages.describe()}")
     print(f"# decoder DeepNorm, batch {BATCH}x{SEQ}, remat_policy={args.remat}; "
           f"median of {rounds} alternating rounds x {steps} steps")
     variants = {"off": False, "norms": "norms", "all": "all"}
+    if args.per_group:
+        variants.update({g: {g} for g in GROUPS if g != "norms"})
     print(f"{'shape':<14}{'off ms':>9}{'norms ms':>10}{'all ms':>9}{'norms':>8}{'all':>8}"
           f"{'all (cpu)':>11}")
     worst = 0.0
@@ -65,6 +72,10 @@ def main(argv=None) -> float:
         print(f"{label:<14}{ms['off']:>9.1f}{ms['norms']:>10.1f}{ms['all']:>9.1f}"
               f"{over['norms']:>7.1%}{over['all']:>8.1%}"
               f"{t['all'].cpu / t['off'].cpu - 1:>10.1%}", flush=True)
+        if args.per_group:
+            print("  each group alone, cpu time over off: " + ", ".join(
+                f"{g} {t[g].cpu / t['off'].cpu - 1:+.1%}" for g in variants
+                if g not in ("off", "all")), flush=True)
         del runners
     print(f"RATIO all-diagnostics step / plain step - 1: max {worst:.1%} "
           f"(goal <= 10%: {'met' if worst <= 0.10 else 'NOT met'})")

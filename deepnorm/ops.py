@@ -219,30 +219,31 @@ def masked_logits(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS=None, causal=False,
     return logits, keep
 
 
-def _weighted_values(logits_BxHxTxS, v_BxSxHxK, precision: str):
-    probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK, precision=lax_precision(precision))
+def _weighted_values(logits_BxHxTxS, v_BxSxHxK, precision: str, probs=None):
+    if probs is None:
+        probs = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+    return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK,
+                      precision=lax_precision(precision))
 
 
 # --- attention statistics (training diagnostics) -----------------------------------------------
 
-def logit_statistics(logits_BxHxTxS: jax.Array, keep, query_weights_BxT: jax.Array) -> dict:
+def logit_statistics(logits_BxHxTxS: jax.Array, probs_BxHxTxS: jax.Array, keep,
+                     query_weights_BxT: jax.Array) -> dict:
     """Per head [H]: ``logit_max``, the largest logit a real query gives a key it attends to,
     and ``entropy``, the mean over real queries (weighted by ``query_weights_BxT``, which sum
-    to 1 over them) of the softmax's entropy in nats, ``-sum_s p_s log p_s`` over the keys the
-    query attends to. Masked keys have probability exactly 0 and drop out of both.
-
-    The entropy is written as ``logsumexp(l) - sum_s p_s l_s`` (the same quantity, since
-    ``log p_s = l_s - logsumexp(l)``), which needs no log of a zero probability. No gradient
-    flows through either statistic.
+    to 1 over them) of the attention's entropy in nats, ``-sum_s p_s ln p_s`` over the keys
+    (``probs_BxHxTxS``, the softmax of the logits). Masked keys have probability exactly 0
+    and drop out of both. No gradient flows through either statistic.
     """
     logits = lax.stop_gradient(logits_BxHxTxS)
+    probs = lax.stop_gradient(probs_BxHxTxS).astype(jnp.float32)
     real_q = (query_weights_BxT > 0)[:, None, :, None]
     valid = real_q if keep is None else jnp.logical_and(keep, real_q)
     logit_max = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=(0, 2, 3))
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    entropy_BxHxT = lse - jnp.sum(probs * logits, axis=-1)
+    # p ln p -> 0 as p -> 0: a zero probability (a masked key) contributes 0, not NaN
+    tiny = jnp.finfo(jnp.float32).tiny
+    entropy_BxHxT = -jnp.sum(probs * jnp.log(jnp.maximum(probs, tiny)), axis=-1)
     entropy = jnp.einsum("bht,bt->h", entropy_BxHxT, query_weights_BxT.astype(jnp.float32))
     return {"logit_max": logit_max, "entropy": entropy}
 
@@ -253,8 +254,8 @@ def attention_with_stats(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, query_weights_BxT, *,
     """``attention(...)`` and ``logit_statistics`` of its logits: ``(out, {"logit_max": [H],
     "entropy": [H]})``; ``query_weights_BxT`` weigh the queries (0 at padding).
 
-    On the CPU einsum path the statistics come from the very logits the attention uses (an
-    elementwise pass over them, no extra matmul). ``jax.nn.dot_product_attention`` (GPU/TPU,
+    On the CPU einsum path the statistics come from the very logits and probabilities the
+    attention uses (an elementwise pass over them, no extra matmul). ``jax.nn.dot_product_attention`` (GPU/TPU,
     or ``impl`` forced) never hands out its logits, cuDNN's fused kernel least of all, so
     there the logits are computed a second time for the statistics, from the float32 q and k
     (one more q k^T per attention, forward only): the statistics are those of full-precision
@@ -263,10 +264,12 @@ def attention_with_stats(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, query_weights_BxT, *,
     if impl is None and jax.default_backend() == "cpu":
         _check_causal(q_BxTxHxK, k_BxSxHxK, causal)
         logits, keep = masked_logits(q_BxTxHxK, k_BxSxHxK, mask, causal, precision)
-        out = _weighted_values(logits, v_BxSxHxK, precision)
-        return out, logit_statistics(logits, keep, query_weights_BxT)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = _weighted_values(logits, v_BxSxHxK, precision, probs=probs)
+        return out, logit_statistics(logits, probs, keep, query_weights_BxT)
     out = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, causal=causal, impl=impl,
                     dtype=dtype, precision=precision)
     logits, keep = masked_logits(lax.stop_gradient(q_BxTxHxK), lax.stop_gradient(k_BxSxHxK),
                                  mask, causal, precision)
-    return out, logit_statistics(logits, keep, query_weights_BxT)
+    return out, logit_statistics(logits, jax.nn.softmax(logits, axis=-1), keep,
+                                 query_weights_BxT)

@@ -62,7 +62,7 @@ def sublayer_names(arch: str, stack: str) -> tuple[str, ...]:
 def _token_weights(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None) -> jax.Array:
     """[B, T] float32 weights summing to 1 over the real tokens (uniform with no mask)."""
     if token_mask_BxT is None:
-        b, t = x_BxTxD.shape[:2]
+        b, t = x_BxTxD.shape[-3:-1]
         return jnp.full((b, t), 1.0 / (b * t), jnp.float32)
     m = token_mask_BxT.astype(jnp.float32)
     return m / jnp.maximum(jnp.sum(m), 1.0)  # an all-padding batch gives 0, not NaN
@@ -102,26 +102,30 @@ def check_extra_stats(extra_stats) -> frozenset:
     return frozenset(extra_stats)
 
 
-def token_kurtosis(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
+def token_kurtosis(x_NxBxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
     """Pearson kurtosis E[(x - m)^4] / var^2 of every element of the real tokens' vectors,
     in float32 (``scipy.stats.kurtosis(fisher=False)`` of those elements); 0 for a constant
     tensor (a variance below float32 rounding of the mean square), whose kurtosis is
-    undefined. No gradient flows through it."""
-    w = _token_weights(x_BxTxD, token_mask_BxT)[..., None] / x_BxTxD.shape[-1]
-    x = jax.lax.stop_gradient(x_BxTxD).astype(jnp.float32)
-    centred = x - jnp.sum(w * x)
-    var = jnp.sum(w * jnp.square(centred))
-    fourth = jnp.sum(w * jnp.square(jnp.square(centred)))
-    spread = var > 1e-10 * jnp.sum(w * jnp.square(x))
+    undefined. Leading axes before [B, T, D] are kept: [N, B, T, D] gives [N]. No gradient
+    flows through it."""
+    w = _token_weights(x_NxBxTxD, token_mask_BxT)[..., None] / x_NxBxTxD.shape[-1]
+    axes = tuple(range(x_NxBxTxD.ndim - 3, x_NxBxTxD.ndim))
+    x = jax.lax.stop_gradient(x_NxBxTxD).astype(jnp.float32)
+    mean = jnp.sum(w * x, axis=axes, keepdims=True)
+    sq = jnp.square(x - mean)
+    var = jnp.sum(w * sq, axis=axes)
+    fourth = jnp.sum(w * jnp.square(sq), axis=axes)
+    spread = var > 1e-10 * jnp.sum(w * jnp.square(x), axis=axes)
     return jnp.where(spread, fourth / jnp.where(spread, var, 1.0) ** 2, 0.0)
 
 
-def token_max_abs(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
-    """The largest |x| over the real tokens' elements, in float32 (0 for an empty mask)."""
-    x = jnp.abs(jax.lax.stop_gradient(x_BxTxD).astype(jnp.float32))
+def token_max_abs(x_NxBxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
+    """The largest |x| over the real tokens' elements, in float32 (0 for an empty mask);
+    leading axes before [B, T, D] are kept."""
+    x = jnp.abs(jax.lax.stop_gradient(x_NxBxTxD).astype(jnp.float32))
     if token_mask_BxT is not None:
         x = jnp.where(token_mask_BxT[..., None], x, 0.0)
-    return jnp.max(x)
+    return jnp.max(x, axis=tuple(range(x.ndim - 3, x.ndim)))
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -214,11 +218,14 @@ class Block(nnx.Module):
             "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states]),
         }
         if "activations" in extra_stats:
-            for kind, tensors in (("branch", branch_outputs), ("stream", states)):
-                stats[f"{kind}_kurtosis"] = jnp.stack(
-                    [token_kurtosis(y, token_mask_BxT) for y in tensors])
-                stats[f"{kind}_max_abs"] = jnp.stack(
-                    [token_max_abs(y, token_mask_BxT) for y in tensors])
+            # All 2S tensors in one stack: one set of reductions instead of 2S (each op inside
+            # the layer scan is a kernel launch per layer, which is what these cost on a CPU).
+            both = jnp.stack(branch_outputs + states)
+            kurtosis = token_kurtosis(both, token_mask_BxT)
+            max_abs = token_max_abs(both, token_mask_BxT)
+            n = len(branch_outputs)
+            stats.update(branch_kurtosis=kurtosis[:n], stream_kurtosis=kurtosis[n:],
+                         branch_max_abs=max_abs[:n], stream_max_abs=max_abs[n:])
         for name, values in (attn_stats or {}).items():
             stats.update({f"{name}_{stat}": value for stat, value in values.items()})
         return states[-1], stats
