@@ -255,11 +255,12 @@ def attention_with_stats(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, query_weights_BxT, *,
     "entropy": [H]})``; ``query_weights_BxT`` weigh the queries (0 at padding).
 
     On the CPU einsum path the statistics come from the very logits and probabilities the
-    attention uses (an elementwise pass over them, no extra matmul). ``jax.nn.dot_product_attention`` (GPU/TPU,
-    or ``impl`` forced) never hands out its logits, cuDNN's fused kernel least of all, so
-    there the logits are computed a second time for the statistics, from the float32 q and k
-    (one more q k^T per attention, forward only): the statistics are those of full-precision
-    logits even when the attention itself ran in bfloat16.
+    attention uses (an elementwise pass over them, no extra matmul).
+    ``jax.nn.dot_product_attention`` (GPU/TPU, or ``impl`` forced) never hands out its
+    logits, cuDNN's fused kernel least of all, so there the logits are computed a second time
+    for the statistics, from the float32 q and k (one more q k^T per attention, forward only):
+    the statistics are those of full-precision logits even when the attention itself ran in
+    bfloat16.
     """
     if impl is None and jax.default_backend() == "cpu":
         _check_causal(q_BxTxHxK, k_BxSxHxK, causal)

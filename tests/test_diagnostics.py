@@ -355,7 +355,8 @@ def test_each_group_adds_to_the_step_and_none_adds_nothing(tiny):
 
     def size(diag):
         jaxpr = jax.make_jaxpr(steps.make_train_step(graphdef, tx, diagnostics=diag))(st, batch)
-        count = lambda j: sum(1 + sum(count(s) for s in jax.extend.core.jaxprs_in_params(e.params))  # noqa: E731
+        inner = jax.extend.core.jaxprs_in_params
+        count = lambda j: sum(1 + sum(count(s) for s in inner(e.params))  # noqa: E731
                               for e in j.eqns)
         return count(jaxpr.jaxpr), set(jax.eval_shape(steps.make_train_step(
             graphdef, tx, diagnostics=diag), st, batch)[1])
