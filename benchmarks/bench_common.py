@@ -176,11 +176,11 @@ class LoopStepRunner:
     """The training loop's own step (``make_train_step``, state donated) on one fixed batch.
 
     Unlike ``JaxTrainer`` (loss, grad, Adam), this is exactly what ``train_and_evaluate`` jits:
-    with the loop's metrics and, if asked, its per-layer diagnostics. ``run(n)`` does n steps
-    and blocks on the last loss.
+    with the loop's metrics and, if asked, its diagnostics (``make_train_step``'s
+    ``diagnostics``: a bool or the groups). ``run(n)`` does n steps and blocks on the last loss.
     """
 
-    def __init__(self, cfg: TransformerConfig, batch: dict, *, diagnostics: bool, tx=None,
+    def __init__(self, cfg: TransformerConfig, batch: dict, *, diagnostics, tx=None,
                  seed: int = 0, label_smoothing: float = 0.0):
         from deepnorm.training.state import create_train_state
         from deepnorm.training.steps import make_train_step

@@ -83,6 +83,9 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     config.decay_start = 0
     config.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 = no clipping
     config.label_smoothing = 0.1  # the DeepNet paper's translation setting; eval uses plain NLL
+    # PaLM's z-loss: this coefficient * log(Z)^2 per token added to the loss (PaLM: 1e-4),
+    # logged as the metric z_loss; 0 = off
+    config.z_loss = 0.0
     _check_known('optimizer', config, overrides)
     config.update(overrides)
     return config
@@ -115,6 +118,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # every_step: per-layer grad / update / activation norms on every step (feeds the
     # divergence monitor); log_steps: only on logged steps; off: none.
     config.diagnostics = "every_step"
+    # Which diagnostics the steps above compute: all | none | a comma list of norms (the
+    # per-layer norms), attention, activations, logits, updates, adam (docs/training.md,
+    # "Diagnostics"); a group left out is not computed at all.
+    config.diagnostic_groups = "all"
     config.on_nonfinite = "stop"  # stop | skip (drop the update; stop after k in a row)
     config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
     config.max_loss = 100.0  # a finite loss above this also counts as diverged

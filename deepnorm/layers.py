@@ -89,7 +89,12 @@ class Attention(nnx.Module):
         return self.out(o)
 
     def __call__(self, x_BxTxD: jax.Array, context_BxSxD: jax.Array | None = None, *,
-                 mask_Bx1xTxS: jax.Array | None = None, causal: bool = False) -> jax.Array:
+                 mask_Bx1xTxS: jax.Array | None = None, causal: bool = False,
+                 stats_out: dict | None = None,
+                 query_weights_BxT: jax.Array | None = None) -> jax.Array:
+        """``stats_out`` (a dict, training diagnostics): filled with the attention's
+        ``logit_max`` and ``entropy`` per head [H] (``ops.attention_with_stats``), over the
+        queries ``query_weights_BxT`` weighs (they sum to 1 over the real tokens)."""
         b, t, d = x_BxTxD.shape
         h = self.num_heads
         if context_BxSxD is None:  # self-attention: q, k, v in one matmul
@@ -101,8 +106,13 @@ class Attention(nnx.Module):
         q, k, v = (q.reshape(b, t, h, d // h), k.reshape(b, s, h, d // h),
                    v.reshape(b, s, h, d // h))
         q, k = self._normed(self.query_norm, q), self._normed(self.key_norm, k)
-        o = ops.attention(q, k, v, mask=mask_Bx1xTxS, causal=causal, impl=self.impl,
-                          dtype=self.dtype, precision=self.precision)
+        kw = dict(mask=mask_Bx1xTxS, causal=causal, impl=self.impl, dtype=self.dtype,
+                  precision=self.precision)
+        if stats_out is None:
+            o = ops.attention(q, k, v, **kw)
+        else:
+            o, stats = ops.attention_with_stats(q, k, v, query_weights_BxT, **kw)
+            stats_out.update(stats)
         return self._mix_heads(o)
 
 

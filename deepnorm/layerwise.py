@@ -57,3 +57,32 @@ def global_norm(tree) -> jax.Array:
     """L2 norm of the whole tree (all parameters, stacked or not)."""
     leaves = jax.tree.leaves(tree)
     return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
+
+
+# Parameter groups of the training diagnostics (update / parameter ratios, Adam's second
+# moments): each attention projection and each feed-forward matrix with its bias, every norm's
+# gains and biases, the embedding tables, the untied output head, and the residual schemes'
+# own scalars and vectors (ReZero's gates, Admin's omegas).
+PROJECTIONS = ("query", "key", "value", "out", "ffn_in", "ffn_out")
+PARAM_GROUPS = PROJECTIONS + ("norms", "embeddings", "head", "residual", "other")
+
+
+def param_group(path) -> str:
+    """The ``PARAM_GROUPS`` entry of a parameter leaf (a path into the pure parameter dict).
+
+    Self- and cross-attention projections share a group (``query`` holds both queries); a
+    parameter none of the rules knows is ``other``.
+    """
+    names = path_names(path)
+    if any("norm" in name for name in names):
+        return "norms"
+    if names[-1] in ("embed", "pos_embed"):
+        return "embeddings"
+    if names[0] == "head":
+        return "head"
+    for name in reversed(names[:-1]):
+        if name in PROJECTIONS:
+            return name
+    if names[-1].endswith(("_gate", "_omega")):
+        return "residual"
+    return "other"

@@ -8,7 +8,8 @@ with the reason it exists and what it measured (docs/performance.md):
   recent Intel CPUs (XLA:CPU uses them only for bfloat16 dots returning float32).
 - ``project``: several projections of one input as one matmul (concatenated kernels).
 - ``attention``: two einsums on CPU for ``impl=None``; ``jax.nn.dot_product_attention``
-  (XLA's own choice, or "xla" / "cudnn" when forced) elsewhere.
+  (XLA's own choice, or "xla" / "cudnn" when forced) elsewhere. ``attention_with_stats``
+  adds the training diagnostics' logit statistics (max logit, entropy per head).
 
 None of the accelerator paths (cuDNN attention, ``dot_product_attention`` on GPU/TPU, bfloat16
 on a GPU/TPU) has been run on a GPU or TPU by the tests or benchmarks (docs/backends.md).
@@ -167,10 +168,7 @@ def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, 
     ``precision``: ``MATMUL_PRECISIONS`` for float32 operands (both einsums on CPU; passed to
     dot_product_attention, which takes no precision argument, as jax's default for its dots).
     """
-    t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
-    if causal and t != s:
-        raise ValueError(f"causal attention needs as many queries as keys, got {t} queries and "
-                         f"{s} keys; pass causal=False and a [B, 1, T, S] mask instead")
+    _check_causal(q_BxTxHxK, k_BxSxHxK, causal)
     if impl is None and jax.default_backend() == "cpu":
         return einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, causal,
                                 precision=precision)
@@ -180,6 +178,13 @@ def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, 
         return jax.nn.dot_product_attention(q_BxTxHxK.astype(dt), k_BxSxHxK.astype(dt),
                                             v_BxSxHxK.astype(dt), mask=mask, is_causal=causal,
                                             implementation=impl)
+
+
+def _check_causal(q_BxTxHxK, k_BxSxHxK, causal: bool) -> None:
+    t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
+    if causal and t != s:
+        raise ValueError(f"causal attention needs as many queries as keys, got {t} queries and "
+                         f"{s} keys; pass causal=False and a [B, 1, T, S] mask instead")
 
 
 def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=False,
@@ -192,10 +197,18 @@ def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=
     on XLA:CPU (docs/performance.md, "Process settings on CPU"). ``attention`` uses it for
     ``impl=None`` on CPU.
     """
+    logits, _ = masked_logits(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, causal, precision)
+    return _weighted_values(logits, v_BxSxHxK, precision)
+
+
+def masked_logits(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS=None, causal=False,
+                  precision: str = "float32"):
+    """The float32 logits q k^T / sqrt(K) [B, H, T, S], masked keys set to the masked logit,
+    and the keep mask (True where a query attends to a key; None when nothing is masked)."""
     t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
     scale = q_BxTxHxK.shape[-1] ** -0.5
-    prec = lax_precision(precision)
-    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, precision=prec,
+    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                        precision=lax_precision(precision),
                         preferred_element_type=jnp.float32) * jnp.float32(scale)
     keep = mask_Bx1xTxS
     if causal:
@@ -203,5 +216,61 @@ def einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS=None, causal=
         keep = tri if keep is None else jnp.logical_and(keep, tri)
     if keep is not None:
         logits = jnp.where(keep, logits, jnp.float32(_MASKED_LOGIT))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK, precision=prec)
+    return logits, keep
+
+
+def _weighted_values(logits_BxHxTxS, v_BxSxHxK, precision: str, probs=None):
+    if probs is None:
+        probs = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+    return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK,
+                      precision=lax_precision(precision))
+
+
+# --- attention statistics (training diagnostics) -----------------------------------------------
+
+def logit_statistics(logits_BxHxTxS: jax.Array, probs_BxHxTxS: jax.Array, keep,
+                     query_weights_BxT: jax.Array) -> dict:
+    """Per head [H]: ``logit_max``, the largest logit a real query gives a key it attends to,
+    and ``entropy``, the mean over real queries (weighted by ``query_weights_BxT``, which sum
+    to 1 over them) of the attention's entropy in nats, ``-sum_s p_s ln p_s`` over the keys
+    (``probs_BxHxTxS``, the softmax of the logits). Masked keys have probability exactly 0
+    and drop out of both. No gradient flows through either statistic.
+    """
+    logits = lax.stop_gradient(logits_BxHxTxS)
+    probs = lax.stop_gradient(probs_BxHxTxS).astype(jnp.float32)
+    real_q = (query_weights_BxT > 0)[:, None, :, None]
+    valid = real_q if keep is None else jnp.logical_and(keep, real_q)
+    logit_max = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=(0, 2, 3))
+    # p ln p -> 0 as p -> 0: a zero probability (a masked key) contributes 0, not NaN
+    tiny = jnp.finfo(jnp.float32).tiny
+    entropy_BxHxT = -jnp.sum(probs * jnp.log(jnp.maximum(probs, tiny)), axis=-1)
+    entropy = jnp.einsum("bht,bt->h", entropy_BxHxT, query_weights_BxT.astype(jnp.float32))
+    return {"logit_max": logit_max, "entropy": entropy}
+
+
+def attention_with_stats(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, query_weights_BxT, *,
+                         mask=None, causal=False, impl: str | None = None, dtype=jnp.float32,
+                         precision: str = "float32"):
+    """``attention(...)`` and ``logit_statistics`` of its logits: ``(out, {"logit_max": [H],
+    "entropy": [H]})``; ``query_weights_BxT`` weigh the queries (0 at padding).
+
+    On the CPU einsum path the statistics come from the very logits and probabilities the
+    attention uses (an elementwise pass over them, no extra matmul).
+    ``jax.nn.dot_product_attention`` (GPU/TPU, or ``impl`` forced) never hands out its
+    logits, cuDNN's fused kernel least of all, so there the logits are computed a second time
+    for the statistics, from the float32 q and k (one more q k^T per attention, forward only):
+    the statistics are those of full-precision logits even when the attention itself ran in
+    bfloat16.
+    """
+    if impl is None and jax.default_backend() == "cpu":
+        _check_causal(q_BxTxHxK, k_BxSxHxK, causal)
+        logits, keep = masked_logits(q_BxTxHxK, k_BxSxHxK, mask, causal, precision)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = _weighted_values(logits, v_BxSxHxK, precision, probs=probs)
+        return out, logit_statistics(logits, probs, keep, query_weights_BxT)
+    out = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, causal=causal, impl=impl,
+                    dtype=dtype, precision=precision)
+    logits, keep = masked_logits(lax.stop_gradient(q_BxTxHxK), lax.stop_gradient(k_BxSxHxK),
+                                 mask, causal, precision)
+    return out, logit_statistics(logits, jax.nn.softmax(logits, axis=-1), keep,
+                                 query_weights_BxT)

@@ -52,10 +52,18 @@ def model_remat_policy(name: str) -> str:
 STAT_NAMES = ("stream_in_norm", "branch_norm", "branch_var", "stream_out_norm")
 
 
+def sublayer_names(arch: str, stack: str) -> tuple[str, ...]:
+    """The sublayers of a ``stack`` ("encoder" / "decoder") block, in the order of the [S] axis
+    of its statistics: a decoder of encoder_decoder also has cross-attention."""
+    if stack == "decoder" and arch == "encoder_decoder":
+        return ("self_attn", "cross_attn", "ffn")
+    return ("self_attn", "ffn")
+
+
 def _token_weights(x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None) -> jax.Array:
     """[B, T] float32 weights summing to 1 over the real tokens (uniform with no mask)."""
     if token_mask_BxT is None:
-        b, t = x_BxTxD.shape[:2]
+        b, t = x_BxTxD.shape[-3:-1]
         return jnp.full((b, t), 1.0 / (b * t), jnp.float32)
     m = token_mask_BxT.astype(jnp.float32)
     return m / jnp.maximum(jnp.sum(m), 1.0)  # an all-padding batch gives 0, not NaN
@@ -79,6 +87,52 @@ def _default_stack(cfg: TransformerConfig) -> str:
     """The stack a block belongs to when not told: the encoder of an encoder-only model, else
     the decoder."""
     return "encoder" if cfg.arch == "encoder" else "decoder"
+
+
+# Statistics a block adds on request (``extra_stats``; training diagnostics), each computed
+# only when asked for:
+# "activations": per sublayer [S], over the real tokens' elements, of the branch output and of
+#   the residual stream after the sublayer joins it: Pearson kurtosis E[(x-m)^4] / var^2 (3 for
+#   a Gaussian; heavy tails, i.e. outlier features, push it up) and the largest |x|.
+# "attention": per head [H], for each attention sublayer: the max logit and the mean entropy
+#   (deepnorm.ops.logit_statistics), keys "<sublayer>_logit_max", "<sublayer>_entropy".
+EXTRA_STATS = ("activations", "attention")
+ACTIVATION_STAT_NAMES = ("branch_kurtosis", "branch_max_abs", "stream_kurtosis",
+                         "stream_max_abs")
+
+
+def check_extra_stats(extra_stats) -> frozenset:
+    unknown = sorted(set(extra_stats) - set(EXTRA_STATS))
+    if unknown:
+        raise ValueError(f"extra_stats {', '.join(unknown)} not known; allowed: "
+                         f"{', '.join(EXTRA_STATS)}")
+    return frozenset(extra_stats)
+
+
+def token_kurtosis(x_NxBxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
+    """Pearson kurtosis E[(x - m)^4] / var^2 of every element of the real tokens' vectors,
+    in float32 (``scipy.stats.kurtosis(fisher=False)`` of those elements); 0 for a constant
+    tensor (a variance below float32 rounding of the mean square), whose kurtosis is
+    undefined. Leading axes before [B, T, D] are kept: [N, B, T, D] gives [N]. No gradient
+    flows through it."""
+    w = _token_weights(x_NxBxTxD, token_mask_BxT)[..., None] / x_NxBxTxD.shape[-1]
+    axes = tuple(range(x_NxBxTxD.ndim - 3, x_NxBxTxD.ndim))
+    x = jax.lax.stop_gradient(x_NxBxTxD).astype(jnp.float32)
+    mean = jnp.sum(w * x, axis=axes, keepdims=True)
+    sq = jnp.square(x - mean)
+    var = jnp.sum(w * sq, axis=axes)
+    fourth = jnp.sum(w * jnp.square(sq), axis=axes)
+    spread = var > 1e-10 * jnp.sum(w * jnp.square(x), axis=axes)
+    return jnp.where(spread, fourth / jnp.where(spread, var, 1.0) ** 2, 0.0)
+
+
+def token_max_abs(x_NxBxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
+    """The largest |x| over the real tokens' elements, in float32 (0 for an empty mask);
+    leading axes before [B, T, D] are kept."""
+    x = jnp.abs(jax.lax.stop_gradient(x_NxBxTxD).astype(jnp.float32))
+    if token_mask_BxT is not None:
+        x = jnp.where(token_mask_BxT[..., None], x, 0.0)
+    return jnp.max(x, axis=tuple(range(x.ndim - 3, x.ndim)))
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -146,10 +200,17 @@ class Block(nnx.Module):
         return self.consts
 
     def _sublayers(self, context, self_mask, cross_mask, causal, dropout_key, records,
-                   branches=None):
+                   branches=None, attn_stats=None, token_w=None):
+        def stats_kw(name):  # attention statistics land in attn_stats[name] when requested
+            if attn_stats is None:
+                return {}
+            return dict(stats_out=attn_stats.setdefault(name, {}), query_weights_BxT=token_w)
+
         branches = branches or {
-            "self_attn": lambda h: self.self_attn(h, mask_Bx1xTxS=self_mask, causal=causal),
-            "cross_attn": lambda h: self.cross_attn(h, context, mask_Bx1xTxS=cross_mask),
+            "self_attn": lambda h: self.self_attn(h, mask_Bx1xTxS=self_mask, causal=causal,
+                                                  **stats_kw("self_attn")),
+            "cross_attn": lambda h: self.cross_attn(h, context, mask_Bx1xTxS=cross_mask,
+                                                    **stats_kw("cross_attn")),
             "ffn": self.ffn,
         }
         scheme = residual_lib.get(self.residual)
@@ -172,26 +233,42 @@ class Block(nnx.Module):
         return scheme, out
 
     def __call__(self, x_BxTxD, consts=None, *, context_BxSxD=None, self_mask=None, cross_mask=None,
-                 causal=False, dropout_key=None, token_mask_BxT=None):
+                 causal=False, dropout_key=None, token_mask_BxT=None,
+                 extra_stats: frozenset = frozenset()):
         """Returns the new residual stream and a dict of per-sublayer statistics, each [S],
-        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None).
+        each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None), plus
+        the ``extra_stats`` groups asked for (``EXTRA_STATS``).
 
         For a scheme with several streams (``Scheme.streams`` n > 1, e.g. ResiDual) the stream
         is the stacked [n, B, T, D] (``Scheme.enter`` makes it from [B, T, D])."""
         branch_outputs: list[jax.Array] = []
+        scheme = residual_lib.get(self.residual)
+        w = _token_weights(scheme.observed(x_BxTxD), token_mask_BxT)
+        attn_stats = {} if "attention" in extra_stats else None
         scheme, sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal,
-                                            dropout_key, branch_outputs)
+                                            dropout_key, branch_outputs, attn_stats=attn_stats,
+                                            token_w=w)
         states = scheme.apply(x_BxTxD, sublayers, self._consts(consts))
         # A multi-stream scheme's statistics are those of its first stream.
         inputs = [scheme.observed(s) for s in [x_BxTxD] + states[:-1]]
         states_seen = [scheme.observed(s) for s in states]
-        w = _token_weights(inputs[0], token_mask_BxT)
         stats = {
             "stream_in_norm": jnp.stack([_token_norm(s, w) for s in inputs]),
             "branch_norm": jnp.stack([_token_norm(y, w) for y in branch_outputs]),
             "branch_var": jnp.stack([token_var(y, token_mask_BxT) for y in branch_outputs]),
             "stream_out_norm": jnp.stack([_token_norm(s, w) for s in states_seen]),
         }
+        if "activations" in extra_stats:
+            # All 2S tensors in one stack: one set of reductions instead of 2S (each op inside
+            # the layer scan is a kernel launch per layer, which is what these cost on a CPU).
+            both = jnp.stack(branch_outputs + states_seen)
+            kurtosis = token_kurtosis(both, token_mask_BxT)
+            max_abs = token_max_abs(both, token_mask_BxT)
+            n = len(branch_outputs)
+            stats.update(branch_kurtosis=kurtosis[:n], stream_kurtosis=kurtosis[n:],
+                         branch_max_abs=max_abs[:n], stream_max_abs=max_abs[n:])
+        for name, values in (attn_stats or {}).items():
+            stats.update({f"{name}_{stat}": value for stat, value in values.items()})
         return states[-1], stats
 
 
@@ -241,8 +318,10 @@ class Stack(nnx.Module):
         self.final_norm = norm() if cfg.scheme.final_norm else None
 
     def __call__(self, x_BxTxD, *, context_BxSxD=None, self_mask=None, cross_mask=None,
-                 causal=False, dropout_key=None, token_mask_BxT=None):
-        """Returns the stack's output and statistics with a leading layer axis, each [L, S].
+                 causal=False, dropout_key=None, token_mask_BxT=None,
+                 extra_stats: frozenset = frozenset()):
+        """Returns the stack's output and statistics with a leading layer axis, each [L, S]
+        (the attention statistics of ``extra_stats``: [L, H]).
 
         ``token_mask_BxT`` (True at real tokens; None: all) selects the tokens the statistics
         average over; it changes nothing in the computation itself.
@@ -261,7 +340,7 @@ class Stack(nnx.Module):
             block = nnx.merge(graphdef, state)
             return block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
                          cross_mask=cross_mask, causal=causal, dropout_key=key,
-                         token_mask_BxT=token_mask_BxT)
+                         token_mask_BxT=token_mask_BxT, extra_stats=extra_stats)
 
         policy = model_remat_policy(cfg.remat_policy)
         if policy != "none":
@@ -400,8 +479,11 @@ class Transformer(nnx.Module):
                       precision=self.config.matmul_precision)
 
     def __call__(self, inputs_BxT, decoder_inputs_BxT=None, *, deterministic: bool = True,
-                 dropout_key: jax.Array | None = None):
+                 dropout_key: jax.Array | None = None, extra_stats=()):
+        """``extra_stats``: the statistics groups of ``EXTRA_STATS`` to add to ``aux`` (training
+        diagnostics); a static choice, so those not asked for are never computed."""
         cfg = self.config
+        extra_stats = check_extra_stats(extra_stats)
         if (decoder_inputs_BxT is None) != (cfg.arch != "encoder_decoder"):
             raise ValueError(
                 f"arch={cfg.arch!r} takes {'inputs and decoder_inputs' if cfg.arch == 'encoder_decoder' else 'inputs only'}")
@@ -415,7 +497,7 @@ class Transformer(nnx.Module):
             x = self._embed(inputs_BxT, keys[0])
             aux_in = token_var(x, real_BxT)
             x, aux["decoder"] = self.decoder(x, causal=True, dropout_key=keys[1],
-                                             token_mask_BxT=real_BxT)
+                                             token_mask_BxT=real_BxT, extra_stats=extra_stats)
             aux["decoder"]["input_var"] = aux_in
             return self._logits(x), aux
         real_BxS = inputs_BxT != PAD_ID
@@ -423,7 +505,7 @@ class Transformer(nnx.Module):
         x = self._embed(inputs_BxT, keys[0])
         aux_in = token_var(x, real_BxS)
         enc, aux["encoder"] = self.encoder(x, self_mask=pad_mask_Bx1x1xS, dropout_key=keys[1],
-                                           token_mask_BxT=real_BxS)
+                                           token_mask_BxT=real_BxS, extra_stats=extra_stats)
         aux["encoder"]["input_var"] = aux_in
         if cfg.arch == "encoder":
             return self._logits(enc), aux
@@ -432,7 +514,7 @@ class Transformer(nnx.Module):
         aux_in = token_var(y, real_BxT)
         y, aux["decoder"] = self.decoder(y, context_BxSxD=enc, cross_mask=pad_mask_Bx1x1xS,
                                          causal=True, dropout_key=keys[3],
-                                         token_mask_BxT=real_BxT)
+                                         token_mask_BxT=real_BxT, extra_stats=extra_stats)
         aux["decoder"]["input_var"] = aux_in
         return self._logits(y), aux
 

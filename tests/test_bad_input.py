@@ -59,6 +59,11 @@ BAD_VALUES = [
      "data.tfds_name 'no_such_dataset_xyz' is not a known TFDS dataset"),
     ("impossible_mask_rate", {"data.mask_rate": 1.5}, "data.mask_rate must lie in (0, 1)"),
     ("sequence_too_short", {"train.seq_len": 1}, "seq_len"),
+    ("unknown_diagnostic_group", {"train.diagnostic_groups": "norms,attn"},
+     "train.diagnostic_groups='norms,attn': attn not known; use all, none or a comma list of "
+     "norms, attention"),
+    ("negative_z_loss", {"optimizer.z_loss": -1e-4},
+     "optimizer.z_loss=-0.0001 must be a number >= 0"),
 ]
 
 

@@ -66,6 +66,21 @@ def test_a_run_writes_metrics_checkpoints_config_and_summary(full_run):
     assert summary["derived"]["decoder_branch_gain"] == pytest.approx((8 * 2) ** -0.25)
 
 
+def test_rows_carry_every_diagnostics_group(full_run):
+    # train.diagnostic_groups defaults to all: each group's metrics, per layer where they are
+    # per layer (the quick decoder has 2 layers), finite, on every logged step.
+    workdir, _ = full_run
+    for row in train_rows(workdir):
+        for key in ("self_attn_logit_max_per_layer", "self_attn_entropy_min_head_per_layer",
+                    "ffn_branch_kurtosis_per_layer", "self_attn_stream_max_abs_per_layer",
+                    "update_ratio_query_per_layer", "adam_nu_max_per_layer"):
+            assert len(row[key]) == 2 and all(math.isfinite(v) for v in row[key]), key
+        for key in ("output_logit_norm", "output_logit_max", "output_log_z",
+                    "update_ratio_embeddings", "adam_nu_mean_ffn_out"):
+            assert math.isfinite(row[key]), key
+        assert 0 < row["self_attn_entropy_per_layer"][0] <= math.log(16)  # 16 keys at most
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(full_run, tmp_path):
     workdir, _ = full_run
     first = train_and_evaluate(tiny_config(num_steps=3), str(tmp_path))

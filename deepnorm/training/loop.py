@@ -33,6 +33,7 @@ from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.initializers import describe
 from deepnorm.training import bleu as bleu_lib
 from deepnorm.training import checkpoint as checkpoint_lib
+from deepnorm.training import diagnostics as diagnostics_lib
 from deepnorm.training import divergence as divergence_lib
 from deepnorm.training import hugepages
 from deepnorm.training import loss_scale as loss_scale_lib
@@ -79,6 +80,7 @@ def check_train_config(train) -> None:
     if train.diagnostics not in DIAGNOSTICS:
         raise ConfigError(f"train.diagnostics={train.diagnostics!r} is not one of "
                           f"{', '.join(DIAGNOSTICS)}")
+    diagnostics_lib.parse_groups(train.get("diagnostic_groups", "all"))
     if not train.max_loss > 0:
         raise ConfigError(f"train.max_loss={train.max_loss!r} must be positive")
     check_grad_accum(train.batch_size, train.grad_accum_steps)
@@ -338,14 +340,17 @@ def _setup(config, workdir: str) -> _Run:
 
 def _compile_train_step(run: _Run, config):
     """``train_step(with_diagnostics) -> jitted step``. ``train.diagnostics="log_steps"``
-    compiles a second step without the per-layer reductions for the steps not logged."""
+    compiles a second step without the diagnostics for the steps not logged; the groups
+    computed are ``train.diagnostic_groups``."""
     train = run.train
     step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
                        skip_nonfinite=train.on_nonfinite == "skip",
                        grad_accum_steps=train.grad_accum_steps,
-                       loss_scale_period=(train.loss_scale_period if run.scaling else None))
+                       loss_scale_period=(train.loss_scale_period if run.scaling else None),
+                       z_loss=float(config.optimizer.get("z_loss", 0.0)))
+    groups = diagnostics_lib.parse_groups(train.get("diagnostic_groups", "all"))
 
-    def compile_step(diagnostics: bool):
+    def compile_step(diagnostics):
         inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, **step_kwargs)
 
         def step(state, batch):
@@ -359,8 +364,8 @@ def _compile_train_step(run: _Run, config):
                        out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)),
                        donate_argnums=0)
 
-    full = compile_step(train.diagnostics != "off")
-    light = compile_step(False) if train.diagnostics == "log_steps" else full
+    full = compile_step(groups if train.diagnostics != "off" else frozenset())
+    light = compile_step(frozenset()) if train.diagnostics == "log_steps" else full
     return lambda logged: full if logged else light
 
 

@@ -114,6 +114,10 @@ def make_optimizer(opt_config, num_steps: int):
         raise ConfigError(f"optimizer.eps={opt_config.eps} must be positive")
     if float(opt_config.weight_decay) < 0:
         raise ConfigError(f"optimizer.weight_decay={opt_config.weight_decay} must be >= 0")
+    z_loss = opt_config.get("z_loss", 0.0)
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not z_loss >= 0:
+        raise ConfigError(f"optimizer.z_loss={z_loss!r} must be a number >= 0 (PaLM: 1e-4; "
+                          "0 disables it)")
     clip = float(opt_config.grad_clip_norm)
     if clip < 0:
         raise ConfigError(f"optimizer.grad_clip_norm={clip} must be >= 0 (0 disables clipping)")

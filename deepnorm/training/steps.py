@@ -16,6 +16,7 @@ from flax import nnx
 
 from deepnorm import layerwise
 from deepnorm.config import ConfigError
+from deepnorm.training import diagnostics as diagnostics_lib
 from deepnorm.training import loss_scale as loss_scale_lib
 from deepnorm.training.loss import cross_entropy, loss_sums, model_forward
 from deepnorm.training.loss import loss_fn  # noqa: F401  (steps.loss_fn, as before)
@@ -61,15 +62,21 @@ def split_micro_batches(batch, num_micro: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: bool = True,
+def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=True,
                     skip_nonfinite: bool = False, grad_accum_steps: int = 1,
-                    loss_scale_period: int | None = None):
+                    loss_scale_period: int | None = None, z_loss: float = 0.0):
     """Returns ``train_step(state, batch) -> (new_state, metrics)``.
 
-    ``metrics`` (all scalars unless noted): ``loss`` (the optimized, label-smoothed loss),
-    ``nll`` (unsmoothed), ``grad_norm`` (before clipping), ``update_norm``, ``param_norm``,
-    ``num_tokens``, ``finite`` (1 if loss and gradients are finite) and, with ``diagnostics``,
-    ``grad_norm_per_layer``, ``update_norm_per_layer``, ``activation_norm_per_layer`` [N+M].
+    ``metrics`` (all scalars unless noted): ``loss`` (the optimized, label-smoothed loss,
+    z-loss included), ``nll`` (unsmoothed), ``grad_norm`` (before clipping), ``update_norm``,
+    ``param_norm``, ``num_tokens``, ``finite`` (1 if loss and gradients are finite) and the
+    diagnostics groups ``diagnostics`` names (``deepnorm.training.diagnostics``: True is the
+    ``norms`` group, ``grad_norm_per_layer``, ``update_norm_per_layer``,
+    ``activation_norm_per_layer`` [N+M]; False none; or ``"all"``, a comma list, a set).
+    A group left out is not computed at all (a static choice).
+
+    ``z_loss`` > 0: PaLM's z-loss, ``z_loss * mean over tokens of log(Z)^2``, is added to the
+    loss (``deepnorm.training.loss.z_loss_sum``) and reported as the metric ``z_loss``.
 
     ``skip_nonfinite``: when the loss or the gradient is not finite, return the old params and
     optimizer state unchanged (the step counter still advances, as the data did); the caller
@@ -90,6 +97,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
     ``loss_scale`` (the scale this step used) and ``overflow``.
     """
     scaling = loss_scale_period is not None
+    groups = diagnostics_lib.resolve_groups(diagnostics)
+    extra_stats = groups & diagnostics_lib.MODEL_GROUPS
 
     def train_step(state: TrainState, batch):
         dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -103,25 +112,28 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
         def objective(params, micro_batch, key):
             model = nnx.merge(graphdef, params)
             total, nll, aux = loss_sums(model, micro_batch, label_smoothing=label_smoothing,
-                                        deterministic=False, dropout_key=key)
+                                        deterministic=False, dropout_key=key, z_loss=z_loss,
+                                        extra_stats=extra_stats,
+                                        logit_stats="logits" in groups)
             loss = total / denom
-            return scaler.scale(loss), (loss, nll / denom, aux)
+            z = aux.pop("z_loss", jnp.zeros(())) / denom
+            return scaler.scale(loss), ((loss, nll / denom, z), aux)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if grad_accum_steps == 1:
-            (_, (loss, nll, aux)), grads = grad_fn(state.params, batch, dropout_key)
+            (_, ((loss, nll, z), aux)), grads = grad_fn(state.params, batch, dropout_key)
         else:
             def accumulate(carry, xs):
                 index, micro_batch = xs
-                (_, (loss, nll, aux)), grads = grad_fn(
+                (_, (sums, aux)), grads = grad_fn(
                     state.params, micro_batch, jax.random.fold_in(dropout_key, index))
-                return jax.tree.map(jnp.add, carry, (loss, nll, grads)), aux
+                return jax.tree.map(jnp.add, carry, (sums, grads)), aux
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, nll, grads), auxs = jax.lax.scan(
+            zeros = ((jnp.zeros(()),) * 3, jax.tree.map(jnp.zeros_like, state.params))
+            ((loss, nll, z), grads), auxs = jax.lax.scan(
                 accumulate, zeros,
                 (jnp.arange(grad_accum_steps), split_micro_batches(batch, grad_accum_steps)))
-            aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), auxs)
+            aux = diagnostics_lib.combine_micro_batches(auxs)
         grads = scaler.unscale(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -140,6 +152,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
             "num_tokens": num_tokens,
             "finite": finite.astype(jnp.int32),
         }
+        if z_loss:
+            metrics["z_loss"] = z
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         if scaling:
             grads_finite = jnp.isfinite(grad_norm)
@@ -150,10 +164,15 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics: 
                                    ).astype(jnp.int32)
             new_state = new_state.replace(
                 loss_scale=loss_scale_lib.to_state(scaler.adjust(grads_finite)))
-        if diagnostics:
+        if "norms" in groups:
             metrics["grad_norm_per_layer"] = layerwise.per_layer_norm(grads)
             metrics["update_norm_per_layer"] = layerwise.per_layer_norm(updates)
             metrics["activation_norm_per_layer"] = activation_norm_per_layer(aux)
+        if groups - {"norms"}:
+            arch = nnx.merge(graphdef, state.params).config.arch
+            metrics.update(diagnostics_lib.step_metrics(
+                groups, arch=arch, aux=aux, updates=updates, params=state.params,
+                opt_state=opt_state))
         return new_state, metrics
 
     return train_step
