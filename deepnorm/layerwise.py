@@ -62,9 +62,16 @@ def global_norm(tree) -> jax.Array:
 # Parameter groups of the training diagnostics (update / parameter ratios, Adam's second
 # moments): each attention projection and each feed-forward matrix with its bias, every norm's
 # gains and biases, the embedding tables, the untied output head, and the residual schemes'
-# own scalars and vectors (ReZero's gates, Admin's omegas).
+# own parameters (every ``Param`` a scheme declares: ReZero's gates, Admin's omegas,
+# hyper-connections' mixing, ...; NormFormer's head scales).
 PROJECTIONS = ("query", "key", "value", "out", "ffn_in", "ffn_out")
 PARAM_GROUPS = PROJECTIONS + ("norms", "embeddings", "head", "residual", "other")
+
+
+def _scheme_param_suffixes() -> tuple[str, ...]:
+    from deepnorm import residual  # the registry, read when asked: schemes may be added late
+    return tuple(sorted({f"_{p.name}" for scheme in residual.SCHEMES.values()
+                         for p in scheme.params}))
 
 
 def param_group(path) -> str:
@@ -83,6 +90,6 @@ def param_group(path) -> str:
     for name in reversed(names[:-1]):
         if name in PROJECTIONS:
             return name
-    if names[-1].endswith(("_gate", "_omega")):
+    if names[-1] == "head_scale" or names[-1].endswith(_scheme_param_suffixes()):
         return "residual"
     return "other"

@@ -378,3 +378,20 @@ def test_parse_groups():
         diagnostics.parse_groups(True)
     assert diagnostics.resolve_groups(True) == {"norms"}
     assert diagnostics.resolve_groups(False) == frozenset()
+
+
+@pytest.mark.parametrize("residual", ["rezero", "admin", "fixup", "hyper", "normformer",
+                                      "layerscale"])
+def test_every_scheme_parameter_is_in_the_residual_group(residual):
+    """A scheme's declared parameters (and NormFormer's head scales) are counted as
+    ``residual`` in the update ratios, never as ``other``."""
+    from deepnorm.layerwise import param_group
+    cfg = TransformerConfig(arch="decoder", num_layers=2, d_model=16, num_heads=2, d_ff=32,
+                            vocab_size=11, residual=residual,
+                            norm="none" if residual in ("rezero", "fixup") else "layernorm")
+    params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    groups = {jax.tree_util.keystr(path): param_group(path)
+              for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    residual_leaves = [k for k, g in groups.items() if g == "residual"]
+    assert residual_leaves, groups
+    assert "other" not in groups.values(), groups
