@@ -55,6 +55,18 @@ BAD_VALUES = [
      "data.tfds_name 'no_such_dataset_xyz' is not a known TFDS dataset"),
     ("impossible_mask_rate", {"data.mask_rate": 1.5}, "data.mask_rate must lie in (0, 1)"),
     ("sequence_too_short", {"train.seq_len": 1}, "seq_len"),
+    ("unknown_spike_policy", {"train.on_spike": "ignore"},
+     "train.on_spike='ignore' is not one of stop, continue, rewind"),
+    ("spike_factor_of_one", {"train.spike_factor": 1.0},
+     "train.spike_factor=1.0 must be a number > 1"),
+    ("empty_spike_window", {"train.spike_window": 0},
+     "train.spike_window=0 must be a positive integer"),
+    ("negative_forensics_steps", {"train.forensics_steps": -1},
+     "train.forensics_steps=-1 must be a positive integer"),
+    ("rewind_skipping_nothing", {"train.rewind_skip_batches": 0},
+     "train.rewind_skip_batches=0 must be a positive integer"),
+    ("negative_max_rewinds", {"train.max_rewinds": -1},
+     "train.max_rewinds=-1 must be an integer >= 0"),
 ]
 
 
