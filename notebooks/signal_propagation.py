@@ -94,4 +94,59 @@ for depth in DEPTHS:
               f"{cos[-1]:.2f} | {growth[-1]:8.3g} | {ratio[0]:.3g} / {ratio[-1]:.3g}")
 
 # %% [markdown]
-# **What we see.** (to be filled from the numbers above)
+# **What we see** (the numbers above; one batch of 8 x 32 tokens, two seeds, d=64).
+# The embeddings' tokens start at a cosine similarity of 0.30 (0.22 for Peri-LN, whose input
+# norm centers them first). Three families appear, and depth mostly decides *when* a scheme
+# reaches its end state, not which one.
+#
+# * **Post-LN** collapses: 0.93 by layer 6 and 1.00 at the last layer of every depth. Each
+#   sublayer adds a branch of about 0.56-0.74 of the stream and renormalizes, so the stream
+#   keeps a fixed norm (0.80 of the embeddings': sqrt(d) over the embedding norm) while the
+#   tokens become one vector. This is the regime Noci et al. tie to vanishing query/key
+#   gradients.
+# * **B2T** (Post-LN plus a bypass of the input) delays it: 0.73 at the top of 12 layers,
+#   but 1.00 at 100 and 1,000 layers; the bypass slows the collapse per layer without
+#   changing where it ends.
+# * **Admin** collapses too (0.75, 0.94, 0.99 at the top of 12, 100, 1,000 layers): its
+#   omegas set the skip's weight from the profiled branch variance, and the ratio shown here
+#   is before them, 0.56-0.70 per sublayer.
+# * **Pre-LN** grows its stream like sqrt(L): 2.65x, 8.37x, 26.6x at the top of 12, 100,
+#   1,000 layers (8.37 -> 26.6 is 3.18x for 10x the depth; sqrt(10) = 3.16). Each new branch
+#   is a shrinking share of the stream (branch/skip 0.39 at layer 1, 0.021 at layer 1,000),
+#   yet the tokens still become alike: cosine 0.80, 0.97, 1.00 at the top. The last layers
+#   of a deep Pre-LN stack change neither the stream nor its tokens much.
+# * **Sandwich-LN, Peri-LN** behave like Pre-LN with a faster-growing stream (34.6x and 43.5x
+#   at 1,000 layers; their extra output norm makes each branch a unit-scale addition) and the
+#   same near-collapse (0.97, 0.98).
+# * **SubLN** grows the stream most (7.7x at 12, 111x at 1,000 layers): its extra norm
+#   inside each branch makes the first branches larger than the stream (branch/skip 1.25-1.7
+#   at layer 1); cosine 0.95 at 1,000 layers.
+# * **Mix-LN** is Post-LN in its bottom quarter, Pre-LN above. At 100 and 1,000 layers the
+#   cosine reaches 1.00 inside the Post-LN quarter, where the stream norm stays fixed, and the
+#   Pre-LN part's growth starts at its top (the kink in the orange curve at a quarter of the
+#   depth); at 12 layers its 3 Post-LN layers reach 0.90 and the top 0.96. Collapsed tokens
+#   stay collapsed above: the Pre-LN layers add branches computed from identical inputs.
+# * **LN-Scaling** (Pre-LN with the norm's output scaled by 1/sqrt(l)) keeps the stream
+#   nearly flat (2.17x at 1,000 layers against Pre-LN's 26.6x) and is the least collapsed of
+#   the normalized Pre-LN family: 0.55, 0.68, 0.77 at the top.
+# * **DS-Init** (Post-LN, layer l initialized 1/sqrt(l) smaller) has a branch ratio falling
+#   like 1/l (0.56 at layer 1, 0.0059 at layer 100, 0.00056 at layer 1,000): the bottom
+#   layers raise the cosine to 0.57 and the layers above are nearly the identity, so it stays
+#   0.57 at every depth.
+# * **DeepNorm** starts every layer nearly as the identity: branch/skip 0.053, 0.018, 0.0058
+#   at 12, 100, 1,000 layers (about L^-1/2, from beta; the skip is further multiplied by
+#   alpha), the stream keeps its normalized norm, and the cosine drops to 0.22 at the first
+#   LayerNorm (which centers the tokens) and stays there through 1,000 layers.
+# * **T-Fixup** (no norm, scaled init): branch/skip 0.068 at 12 layers, 0.0073 at 1,000; the
+#   stream grows only 4-9% and the cosine creeps from 0.30 to 0.32-0.37.
+# * **ReZero** is exactly the identity at initialization (gates 0): stream growth 1 and the
+#   embeddings' cosine 0.30 at every layer. Its branch/skip ratio (0.56-0.59) is the branch
+#   *before* the gate: what the first updates of the gates will let in.
+#
+# **What it does and does not say.** This is initialization only. The schemes that train
+# deep stacks stably in the literature (DeepNorm, T-Fixup, ReZero, DS-Init, LN-Scaling) are
+# the ones whose layers start close to the identity, and the ones known to fail deep without
+# warmup (Post-LN) start collapsed; but Pre-LN is known to train at depth although its top layers start
+# collapsed too, so a low cosine at initialization is neither necessary nor sufficient for
+# trainability. A stack that starts near the identity has to move away from it during
+# training, which is what the update-norm notebook looks at.

@@ -258,8 +258,9 @@ def plot_signal_prop(records, path=None):
                 ax.set_ylim(-0.05, 1.05)
             else:
                 _log_if_wide(ax, values)
-            if depth >= 100:
+            if depth >= 100:  # linear up to layer 1 (the embeddings at 0), log beyond
                 ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlim(0, depth)
             name = f"{depth}L-{depth}L" if len(stacks) == 2 else f"{depth} layers"
             ax.set_title(f"{title}, {name}", fontsize=9)
             if row == len(SIGNAL_PANELS) - 1:
