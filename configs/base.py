@@ -125,6 +125,17 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config.on_nonfinite = "stop"  # stop | skip (drop the update; stop after k in a row)
     config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
     config.max_loss = 100.0  # a finite loss above this also counts as diverged
+    # A finite loss above spike_factor x the median of the spike_window finite losses before
+    # it is a loss spike (none is called before the window is full).
+    config.spike_factor = 3.0
+    config.spike_window = 50
+    # What a spike does: continue (record it in <workdir>/divergence/ only) | stop (end the
+    # run as diverged) | rewind (restore the newest checkpoint, skip the spiking batch, go on;
+    # a divergence rewinds too). docs/training.md "Spikes, forensics and rewinds".
+    config.on_spike = "continue"
+    config.max_rewinds = 3  # on_spike=rewind: the run stops at the rewind after this many
+    config.rewind_skip_batches = 1  # batches skipped on a rewind, from the spiking one on
+    config.forensics_steps = 20  # steps of metrics (per-layer norms) kept for divergence/
     # model.dtype=float16 only: dynamic loss scaling (docs/precision.md). The scale starts
     # here, halves on a step with non-finite gradients (that step is skipped) and doubles
     # after loss_scale_period finite steps in a row.

@@ -64,6 +64,18 @@ BAD_VALUES = [
      "norms, attention"),
     ("negative_z_loss", {"optimizer.z_loss": -1e-4},
      "optimizer.z_loss=-0.0001 must be a number >= 0"),
+    ("unknown_spike_policy", {"train.on_spike": "ignore"},
+     "train.on_spike='ignore' is not one of stop, continue, rewind"),
+    ("spike_factor_of_one", {"train.spike_factor": 1.0},
+     "train.spike_factor=1.0 must be a number > 1"),
+    ("empty_spike_window", {"train.spike_window": 0},
+     "train.spike_window=0 must be a positive integer"),
+    ("negative_forensics_steps", {"train.forensics_steps": -1},
+     "train.forensics_steps=-1 must be a positive integer"),
+    ("rewind_skipping_nothing", {"train.rewind_skip_batches": 0},
+     "train.rewind_skip_batches=0 must be a positive integer"),
+    ("negative_max_rewinds", {"train.max_rewinds": -1},
+     "train.max_rewinds=-1 must be an integer >= 0"),
 ]
 
 

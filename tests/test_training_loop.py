@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +105,18 @@ def test_a_nan_stops_the_run_naming_the_step_and_layer(tmp_path):
     assert summary["divergence"].startswith(f"diverged at step {summary['final_step']}: loss=")
     assert "non-finite" in summary["divergence"] and "blew up first in " in summary["divergence"]
     assert all(s < summary["final_step"] for s in summary["checkpoint_steps"])
+    # The forensics of it (deepnorm.training.forensics): the event, the batch, the history.
+    step = summary["final_step"]
+    assert summary["forensics"] == [f"divergence/step_{step}"]
+    directory = tmp_path / "divergence" / f"step_{step}"
+    with open(directory / "event.json") as f:
+        event = json.load(f)
+    assert event["kind"] == "divergence" and event["action"] == "stop"
+    assert event["line"] == summary["divergence"] and event["step"] == step
+    assert event["newest_checkpoint_step"] == max(summary["checkpoint_steps"])
+    assert np.load(directory / "batch.npz")["inputs"].shape == (4, 16)
+    with open(directory / "history.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, step + 1))
 
 
 def test_skip_policy_drops_bad_steps_then_gives_up(tmp_path):

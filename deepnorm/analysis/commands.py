@@ -60,4 +60,13 @@ def run(command: str, s: dict, base, config, out: pathlib.Path) -> list[dict]:
                                   workers=s["workers"])
         plotting.plot_stability_map(cells, out / "stability-map.png")
         return cells
+    if command == "signal-prop":
+        from deepnorm.analysis import signal_prop
+
+        batch = first(stacked_batches(data_config, arch=base.arch, num_batches=1,
+                                      batch_size=s["batch_size"], seq_len=s["seq_len"]))
+        records = signal_prop.run(base, schemes=s["residuals"], depths=s["depths"],
+                                  seeds=seeds, batch=batch)
+        plotting.plot_signal_prop(records, out / "signal-prop.png")
+        return records
     raise ValueError(f"unknown command {command!r}")

@@ -215,6 +215,52 @@ def plot_stability_map(cells, path=None):
     return _save(fig, path)
 
 
+SIGNAL_PANELS = (("cosine", "token cosine similarity"),
+                 ("stream_growth", "stream norm / embedding norm"),
+                 ("branch_to_skip_mean", "branch / skip norm (mean of sublayers)"))
+
+
+def plot_signal_prop(records, path=None):
+    """Per layer at initialization (rows: token cosine similarity, stream growth,
+    branch-to-skip ratio), one column per depth, one line per scheme (mean over seeds).
+    An encoder-decoder's panels show the decoder, which also reads the encoder."""
+    stacks = {r["stack"] for r in records}
+    stack = "decoder" if "decoder" in stacks else "encoder"
+    records = [r for r in records if r["stack"] == stack]
+    schemes = _ordered(r["residual"] for r in records)
+    depths = sorted({r["num_layers"] for r in records})
+    fig, axes = plt.subplots(len(SIGNAL_PANELS), len(depths), squeeze=False,
+                             figsize=(3.6 * len(depths) + 1.5, 2.6 * len(SIGNAL_PANELS)))
+    for col, depth in enumerate(depths):
+        for row, (key, title) in enumerate(SIGNAL_PANELS):
+            ax = axes[row][col]
+            values = []
+            for scheme in schemes:
+                rows = [r[key] for r in records
+                        if r["residual"] == scheme and r["num_layers"] == depth]
+                if not rows:
+                    continue
+                mean = np.nanmean(np.asarray(rows, np.float64), axis=0)
+                layers = np.arange(len(mean)) + (1 if key == "branch_to_skip_mean" else 0)
+                ax.plot(layers, mean, color=color(scheme), lw=1.2, label=label(scheme))
+                values.append(mean)
+            if key == "cosine":
+                ax.set_ylim(-0.05, 1.05)
+            else:
+                _log_if_wide(ax, values)
+            if depth >= 100:  # linear up to layer 1 (the embeddings at 0), log beyond
+                ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlim(0, depth)
+            name = f"{depth}L-{depth}L" if len(stacks) == 2 else f"{depth} layers"
+            ax.set_title(f"{title}, {name}", fontsize=9)
+            if row == len(SIGNAL_PANELS) - 1:
+                ax.set_xlabel("layer (0: embeddings)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    return _save(fig, path)
+
+
 def _save(fig, path):
     if path is not None:
         fig.savefig(path, dpi=110, bbox_inches="tight")

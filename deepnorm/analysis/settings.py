@@ -18,6 +18,7 @@ FIELDS = {
                      "steps"),
     "stability-map": ("out", "residuals", "depths", "lrs", "warmups", "steps", "seeds",
                       "batch_size", "seq_len", "max_loss", "workers"),
+    "signal-prop": ("out", "residuals", "depths", "seeds", "batch_size", "seq_len"),
 }
 # The projection groups grad-norms records (deepnorm.analysis.grad_norms.group_name).
 PARAM_GROUPS = ("ffn_in", "ffn_out") + tuple(

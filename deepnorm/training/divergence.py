@@ -18,6 +18,14 @@ divergence under either policy, nor a gradient spike of any layer.
 own running (exponential) average over healthy steps; the first step at which some layer is
 ``spike_factor`` times above its average, or non-finite, is remembered (the earliest such
 event within the last ``window`` steps is reported).
+
+A *loss spike* (``SpikeDetector``) is a finite loss above ``train.spike_factor`` times the
+median of the ``train.spike_window`` finite losses before it; no spike is called before the
+window is full (early training, where the loss falls fast, has no baseline yet). What a spike
+does is ``train.on_spike`` (``SPIKE_POLICIES``): ``stop`` ends the run as diverged,
+``continue`` only records it, ``rewind`` restores the newest checkpoint and skips the batch
+(see ``deepnorm.training.rewind``). Float16 overflow steps and non-finite steps are never
+spikes: the former are the loss scale's business, the latter the divergence policy's.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ import math
 
 import numpy as np
 
+from deepnorm.config import ConfigError
+
 POLICIES = ("stop", "skip")
+SPIKE_POLICIES = ("stop", "continue", "rewind")
 
 
 def layer_names(num_encoder_layers: int, num_decoder_layers: int) -> list[str]:
@@ -107,6 +118,11 @@ class DivergenceMonitor:
             self._ema = (grads if self._ema is None
                          else self.ema_decay * self._ema + (1 - self.ema_decay) * grads)
 
+    def explain(self, step: int, loss: float, reason: str, per_layer=None) -> Divergence:
+        """A ``Divergence`` at ``step`` for ``reason``, naming the layer that blew up first
+        (used for loss spikes that end the run, which the monitor itself does not decide)."""
+        return self._diverged(step, loss, reason, per_layer)
+
     def _diverged(self, step, loss, reason, per_layer) -> Divergence:
         if self._events:
             first_step, index, count = self._events[0]
@@ -124,3 +140,66 @@ class DivergenceMonitor:
         else:
             layer = "unknown (per-layer gradient norms not recorded at this step)"
         return Divergence(step=step, loss=loss, reason=reason, layer=layer)
+
+
+@dataclasses.dataclass
+class Spike:
+    step: int
+    loss: float
+    median: float  # of the window of finite losses before this step
+    factor: float  # train.spike_factor
+    window: int  # train.spike_window
+
+    @property
+    def ratio(self) -> float:
+        return self.loss / self.median if self.median > 0 else math.inf
+
+    def reason(self) -> str:
+        return (f"loss spike: {self.ratio:.3g} x the median {self.median:.6g} of the "
+                f"{self.window} steps before it, above train.spike_factor={self.factor:g}")
+
+    def line(self) -> str:
+        return f"loss spike at step {self.step}: loss={self.loss:.6g}, {self.reason()}"
+
+
+class SpikeDetector:
+    """``observe(step, loss)`` -> ``Spike`` when ``loss`` > ``factor`` x the running median."""
+
+    def __init__(self, factor: float, window: int):
+        self.factor, self.window = factor, window
+        self._losses: collections.deque = collections.deque(maxlen=window)  # (step, loss)
+
+    def observe(self, step: int, loss: float) -> Spike | None:
+        """Feed finite losses only. A spike still joins the window: a loss that stays at a new
+        level stops being a spike once it is the median, instead of being one forever."""
+        spike = None
+        if len(self._losses) == self.window:
+            median = float(np.median([value for _, value in self._losses]))
+            if loss > self.factor * median:
+                spike = Spike(step, loss, median, self.factor, self.window)
+        self._losses.append((step, loss))
+        return spike
+
+    def forget_after(self, step: int) -> None:
+        """Drops the losses of steps after ``step`` (a rewind to ``step`` undoes them)."""
+        kept = [(s, v) for s, v in self._losses if s <= step]
+        self._losses.clear()
+        self._losses.extend(kept)
+
+
+def check_spike_config(train) -> None:
+    """One-line ``ConfigError`` for the ``train.*`` keys of spikes, forensics and rewinds."""
+    if train.on_spike not in SPIKE_POLICIES:
+        raise ConfigError(f"train.on_spike={train.on_spike!r} is not one of "
+                          f"{', '.join(SPIKE_POLICIES)}")
+    factor = train.spike_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ConfigError(f"train.spike_factor={factor!r} must be a number > 1 (a loss above "
+                          "this many times its running median is a spike)")
+    for name in ("spike_window", "forensics_steps", "rewind_skip_batches"):
+        value = train[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"train.{name}={value!r} must be a positive integer")
+    value = train.max_rewinds
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"train.max_rewinds={value!r} must be an integer >= 0")

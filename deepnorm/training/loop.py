@@ -12,12 +12,17 @@
 * ``_Reporter``: the host side of a step: divergence check, timing, the metrics row.
 * ``_Cadence``: which steps are logged, evaluated and checkpointed; evals and checkpoints
   synchronize (the pending step is reported first).
+* ``BatchFeed`` (``deepnorm.training.rewind``): the batches by position; on a loss spike or a
+  divergence the reporter writes ``<workdir>/divergence/`` (``deepnorm.training.forensics``)
+  and, with ``train.on_spike=rewind``, ``_rewind`` restores the newest checkpoint and the feed
+  skips the spiking batch.
 * the preemption guard (``deepnorm.training.preemption``): after a signal, the step in flight
   is reported, checkpointed, and the run stops.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -35,10 +40,12 @@ from deepnorm.training import bleu as bleu_lib
 from deepnorm.training import checkpoint as checkpoint_lib
 from deepnorm.training import diagnostics as diagnostics_lib
 from deepnorm.training import divergence as divergence_lib
+from deepnorm.training import forensics
 from deepnorm.training import hugepages
 from deepnorm.training import loss_scale as loss_scale_lib
 from deepnorm.training import mesh as mesh_lib
 from deepnorm.training import preemption as preemption_lib
+from deepnorm.training import rewind as rewind_lib
 from deepnorm.training import validation
 from deepnorm.training.data import DataSource
 from deepnorm.training.metrics import MetricsWriter
@@ -85,6 +92,7 @@ def check_train_config(train) -> None:
         raise ConfigError(f"train.max_loss={train.max_loss!r} must be positive")
     check_grad_accum(train.batch_size, train.grad_accum_steps)
     loss_scale_lib.check_config(train)
+    divergence_lib.check_spike_config(train)
     for name in ("bleu_every", "bleu_examples"):
         value = train[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -203,35 +211,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return run.finished
     train, state, step = run.train, run.state, run.start_step
     train_step = _compile_train_step(run, config)
-    reporter = _Reporter(run)
+    feed = rewind_lib.BatchFeed(run)
+    reporter = _Reporter(run, feed)
     cadence = _Cadence(train, run.checkpointer)
     lagged = _Lagged()
     preempted = None  # the line saying where a SIGTERM / SIGINT stopped the run
     guard = preemption_lib.PreemptionGuard(check_every=train.preemption_check_every).install()
     try:
         while step < train.num_steps:
-            batch = run.data.to_global(next(run.train_iter))
-            state, metrics = train_step(cadence.logged(step + 1))(state, batch)
-            step += 1
-            if not reporter(lagged.swap(step, metrics)):
-                break
-            if cadence.synchronizes(step):
-                if not reporter(lagged.drain()):
+            try:
+                batch = run.data.to_global(feed.next(step + 1))
+                state, metrics = train_step(cadence.logged(step + 1))(state, batch)
+                step += 1
+                if not reporter(lagged.swap(step, metrics)):
                     break
-                if cadence.checkpoints(step):
-                    run.checkpointer.save(step, state, run.train_iter)
-                if cadence.evaluates(step):
-                    reporter.evaluate(step, state.params)
-            if cadence.scores_bleu(step):
-                reporter.score_bleu(step, state.params)
-            if step < train.num_steps and guard.requested(step):
-                if not reporter(lagged.drain()):
-                    break  # diverged on this very step: nothing worth checkpointing
-                run.checkpointer.save(step, state, run.train_iter)
-                preempted = (f"preempted by {guard.signal_name} at step {step} of "
-                             f"{train.num_steps}; checkpoint {run.checkpointer.directory}/"
-                             f"{step}; run the same command to resume")
-                break
+                if cadence.synchronizes(step):
+                    if not reporter(lagged.drain()):
+                        break
+                    if cadence.checkpoints(step):
+                        _save(run, feed, step, state)
+                    if cadence.evaluates(step):
+                        reporter.evaluate(step, state.params)
+                if cadence.scores_bleu(step):
+                    reporter.score_bleu(step, state.params)
+                if step < train.num_steps and guard.requested(step):
+                    if not reporter(lagged.drain()):
+                        break  # diverged on this very step: nothing worth checkpointing
+                    _save(run, feed, step, state)
+                    preempted = (f"preempted by {guard.signal_name} at step {step} of "
+                                 f"{train.num_steps}; checkpoint {run.checkpointer.directory}/"
+                                 f"{step}; run the same command to resume")
+                    break
+            except rewind_lib.RewindRequest as request:
+                lagged.drain()  # launched after the spiking step: undone by the rewind
+                state, step = _rewind(run, reporter, feed, request)
         else:
             reporter(lagged.drain())
     finally:
@@ -258,6 +271,7 @@ class _Run:
     train_iter: Any
     evaluator: "_Evaluator"
     checkpointer: checkpoint_lib.Checkpointer
+    abstract_state: Any = None  # the restore target (ShapeDtypeStructs with shardings)
     state: Any = None
     start_step: int = 0
     finished: dict | None = None  # the summary of a run that already reached num_steps
@@ -313,6 +327,7 @@ def _setup(config, workdir: str) -> _Run:
                graphdef, train_iter, evaluator, checkpointer, config=config)
     abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
                                             shardings)
+    run.abstract_state = abstract
     run.state, run.start_step = checkpointer.restore_latest(
         abstract, run.train_iter, changed_keys=validation.changed_config_keys(workdir, config))
     run.finished = _finished_summary(workdir, run.start_step, train.num_steps)
@@ -322,11 +337,7 @@ def _setup(config, workdir: str) -> _Run:
                      "train.num_steps to continue)", workdir, run.start_step)
         return run
     if run.state is None:
-        admin_batch = data.first_batch() if model_cfg.scheme.profiled else None
-        scaling = loss_scale_lib.uses_loss_scaling(model_cfg.dtype)
-        run.graphdef, run.state = create_train_state(
-            model_cfg, tx, train.seed, shardings=shardings, admin_batch=admin_batch,
-            loss_scale=float(train.initial_loss_scale) if scaling else 1.0)
+        run.graphdef, run.state = _initial_state(run)
     if primary:
         write_resolved_config(workdir, config, resuming=run.start_step > 0)
     run.derived = derived_constants(model_cfg, config)
@@ -336,6 +347,40 @@ def _setup(config, workdir: str) -> _Run:
     if run.start_step:
         logging.info("resuming from checkpoint step %d in %s", run.start_step, workdir)
     return run
+
+
+def _initial_state(run: _Run):
+    """``(graphdef, state)`` of step 0: the seed's parameters (Admin: profiled on the first
+    batch), a fresh optimizer state and, for float16, the initial loss scale."""
+    admin_batch = run.data.first_batch() if run.model_cfg.scheme.profiled else None
+    return create_train_state(
+        run.model_cfg, run.tx, run.train.seed, shardings=run.shardings, admin_batch=admin_batch,
+        loss_scale=float(run.train.initial_loss_scale) if run.scaling else 1.0)
+
+
+def _save(run: _Run, feed: rewind_lib.BatchFeed, step: int, state) -> None:
+    """A checkpoint of ``state``; the feed notes its data position (a rewind target)."""
+    if run.checkpointer.save(step, state, run.train_iter):
+        feed.checkpointed(step)
+
+
+def _rewind(run: _Run, reporter: "_Reporter", feed: rewind_lib.BatchFeed,
+            request: rewind_lib.RewindRequest):
+    """``(state, step)`` of the newest checkpoint (step 0's initial state if none is on disk
+    yet), with the data iterator at its position and the spiking batches marked to skip."""
+    run.checkpointer.wait()  # an asynchronous save of an earlier step may still be writing
+    state, restored = run.checkpointer.restore_latest(run.abstract_state, run.train_iter)
+    if state is None:
+        _, state = _initial_state(run)
+        run.train_iter = run.data.iterator("train")
+    if not feed.can_rewind_to(restored):
+        raise RuntimeError(
+            f"cannot rewind to checkpoint step {restored}: it is older than the step "
+            f"{run.start_step} this process resumed from, so its batch positions are unknown")
+    skip = range(request.position, request.position + run.train.rewind_skip_batches)
+    feed.rewound(restored, skip)
+    reporter.rewound(restored, request, skip)
+    return state, restored
 
 
 def _compile_train_step(run: _Run, config):
@@ -412,16 +457,26 @@ class _Cadence:
 
 
 class _Reporter:
-    """The host side of each step: divergence monitor, throughput, metrics rows, evals."""
+    """The host side of each step: divergence monitor, loss spikes and their forensics,
+    throughput, metrics rows, evals."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: _Run, feed: rewind_lib.BatchFeed):
         train = run.train
         self.run, self.train, self.cadence = run, train, _Cadence(train, run.checkpointer)
+        self.feed = feed
         self.monitor = divergence_lib.DivergenceMonitor(
             divergence_lib.layer_names(run.model_cfg.encoder_layers,
                                        run.model_cfg.decoder_layers),
             policy=train.on_nonfinite, max_loss=float(train.max_loss),
             max_consecutive_skips=train.max_consecutive_skips)
+        self.spikes = divergence_lib.SpikeDetector(float(train.spike_factor), train.spike_window)
+        # Host metrics of the last steps, for divergence/<step>/history.jsonl.
+        self.history: collections.deque = collections.deque(maxlen=train.forensics_steps)
+        self.spike_count = self.rewinds = 0
+        self.forensics_dirs: list[str] = []
+        self._last_spike = None  # a spike's next step spiking too is the same event
+        self._events_at: collections.Counter = collections.Counter()
+        self._pending_event = None  # (directory, event, batch) of the event being answered
         self.writer = MetricsWriter(run.workdir, primary=run.primary,
                                     start_step=run.start_step, num_steps=train.num_steps,
                                     progress=train.progress_bar)
@@ -438,11 +493,12 @@ class _Reporter:
         step, metrics = lagged[0], to_host(lagged[1])
         self.writer.advance()
         self.loss = float(metrics["loss"])
+        self.history.append((step, metrics))
         event = self.monitor.observe(step, metrics)
         if event is not None:
-            self.diverged = event
-            self.writer.write(step, dict(metrics, skipped_steps=self.monitor.skipped_steps,
-                                         **self._overflow_count()))
+            return self._answer(step, metrics, divergence=event)
+        spike = self._spike(step, metrics)
+        if spike is not None and not self._answer(step, metrics, spike=spike):
             return False
         now = time.time()
         if self._timer_start is None:  # the first step includes compilation: time from its end
@@ -461,6 +517,84 @@ class _Reporter:
             self.writer.write(step, row)
             self._timer_start, self._timed_steps = now, 0
         return True
+
+    def _spike(self, step: int, metrics) -> divergence_lib.Spike | None:
+        """Only steps that trained count: an overflow step or a non-finite one is not a loss."""
+        if int(metrics.get("overflow", 0)) or not bool(metrics["finite"]):
+            return None
+        return self.spikes.observe(step, float(metrics["loss"]))
+
+    def _answer(self, step: int, metrics, *, divergence=None, spike=None) -> bool:
+        """Forensics, then ``train.on_spike``: True = go on; False = stop (``self.diverged``
+        says why); raises ``RewindRequest`` for a rewind."""
+        policy, line = self.train.on_spike, (spike or divergence).line()
+        action = ("continue" if spike is not None and policy == "continue"
+                  else "rewind" if policy == "rewind" else "stop")
+        refused = action == "rewind" and self.rewinds >= self.train.max_rewinds
+        if refused:
+            action = "stop"
+        if spike is not None:
+            self.spike_count += 1
+            repeated = self._last_spike == step - 1 and action == "continue"
+            self._last_spike = step
+            if repeated:  # still the same spike: counted, not written again
+                return True
+        position, batch = self.feed.batch_of(step)
+        event = dict(step=step, kind="spike" if spike is not None else "divergence", line=line,
+                     loss=float(metrics["loss"]), action=action, batch_position=position,
+                     newest_checkpoint_step=max(self.run.checkpointer.steps(), default=None))
+        if spike is not None:
+            event.update(median=spike.median, ratio=spike.ratio)
+        if refused:
+            event["refused"] = f"train.max_rewinds={self.train.max_rewinds} rewinds already done"
+        directory = forensics.event_directory(self.run.workdir, step, self._events_at[step])
+        self._events_at[step] += 1
+        self._pending_event = (directory, event, batch)
+        if action != "rewind":  # a rewind's event also names the checkpoint it restored
+            self._write_forensics()
+        if action == "continue":
+            self.writer.write(step, dict(metrics, median=spike.median, ratio=spike.ratio),
+                              kind="spike")
+            self.writer.message(f"{line}; recorded in {directory}")
+            return True
+        if action == "rewind":
+            raise rewind_lib.RewindRequest(step, position, line)
+        if divergence is None:
+            divergence = self.monitor.explain(step, float(metrics["loss"]),
+                                              spike.reason(),
+                                              metrics.get("grad_norm_per_layer"))
+        if refused:
+            divergence.reason += (f"; not rewound: train.max_rewinds={self.train.max_rewinds} "
+                                  "rewinds already done")
+        self.diverged = divergence
+        self.writer.write(step, dict(metrics, skipped_steps=self.monitor.skipped_steps,
+                                     **self._overflow_count()))
+        return False
+
+    def _write_forensics(self, **extra) -> None:
+        directory, event, batch = self._pending_event
+        forensics.write(directory, event=dict(event, **extra), batch=batch,
+                        history=list(self.history), primary=self.run.primary)
+        self.forensics_dirs.append(os.path.relpath(directory, self.run.workdir))
+
+    def rewound(self, checkpoint_step: int, request: rewind_lib.RewindRequest,
+                skip: range) -> None:
+        """After ``_rewind``: forensics, and forget what the undone steps taught."""
+        self.rewinds += 1
+        self._write_forensics(rewound_to_step=checkpoint_step,
+                              skipped_positions=[skip.start, skip.stop - 1])
+        kept = [(s, m) for s, m in self.history if s <= checkpoint_step]
+        self.history.clear()
+        self.history.extend(kept)
+        self.spikes.forget_after(checkpoint_step)
+        self.monitor.consecutive_skips = 0
+        self._last_spike = None
+        self._timer_start = None  # the restore is no step time
+        self.writer.rewind(checkpoint_step)
+        self.writer.message(
+            f"{request.line}; rewound to checkpoint step {checkpoint_step} (rewind "
+            f"{self.rewinds} of at most {self.train.max_rewinds}), skipping batch position(s) "
+            f"{skip.start}-{skip.stop - 1}; forensics in {self.forensics_dirs[-1]}")
 
     def _overflow_count(self) -> dict:
         """The running count of float16 overflow steps, in loss-scaled runs' metrics rows."""
@@ -495,6 +629,13 @@ def _finish(run: _Run, reporter: _Reporter, state, step: int, preempted: str | N
         "preempted": preempted,
         "final_bleu": reporter.bleu,
         "skipped_steps": reporter.monitor.skipped_steps,
+        # Loss spikes seen, rewinds done (train.on_spike) and batches the rewinds skipped;
+        # counted from this process's start, like skipped_steps. forensics: the directories
+        # written under the workdir (divergence/step_<s>/).
+        "spikes": reporter.spike_count,
+        "rewinds": reporter.rewinds,
+        "skipped_batches": reporter.feed.skipped,
+        "forensics": reporter.forensics_dirs,
         # float16 steps dropped for overflowing gradients (the loss scale halved); null when
         # there is no loss scaling. Counted from this process's start, like skipped_steps.
         "overflow_steps": reporter.monitor.overflow_steps if run.scaling else None,

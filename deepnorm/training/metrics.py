@@ -96,6 +96,12 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.update(steps)
 
+    def rewind(self, step: int) -> None:
+        """The run went back to ``step`` (a rewind): the bar follows."""
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def message(self, text: str) -> None:
         """A line on the terminal that does not break the progress bar."""
         if self._bar is not None:
