@@ -157,3 +157,19 @@ def test_pre_ln_last_layer_gradient_falls_with_depth_post_ln_does_not(claim_reco
     post = finals[("post", deep)].mean() / finals[("post", shallow)].mean()
     assert abs(pre - np.sqrt(shallow / deep)) < 0.12, pre  # ~ 1/sqrt(L), Xiong Theorem 1
     assert post > 0.85, post  # ~ independent of L
+
+
+def test_analysis_training_takes_the_z_loss():
+    """optimizer.z_loss reaches the analysis's own train steps: the z-loss term's gradient
+    changes the parameters after a step, as in train.py."""
+    from deepnorm.analysis.train_steps import train_seeds
+    cfg = TransformerConfig(arch="decoder", num_layers=2, residual="pre", **TINY)
+    train = stacked_batches(None, arch="decoder", num_batches=1, batch_size=2, seq_len=8)
+    graphdef, params_S = init_params(cfg, [0])
+    out = {}
+    for z in (0.0, 1.0):
+        opt = optimizer_config(1e-2)
+        opt.z_loss = z
+        out[z], _ = train_seeds(graphdef, params_S, [0], train, opt, num_steps=1)
+    head = lambda p: np.asarray(p["embed"])  # noqa: E731 (tied: the head is the embedding)
+    assert not np.allclose(head(out[0.0]), head(out[1.0]))

@@ -132,3 +132,14 @@ def test_signal_prop_command_writes_json_and_png(tmp_path):
         np.testing.assert_allclose(r["stream_growth"], 1.0, rtol=1e-6)
         np.testing.assert_allclose(r["cosine"], r["cosine"][0], rtol=1e-5)
     assert (out / "signal-prop.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("scheme", ["resi_dual", "hyper", "fixup", "normformer"])
+def test_every_declared_scheme_measures_multi_stream_ones_on_their_first_stream(scheme):
+    base = tiny(num_layers=3)
+    cfg = signal_prop.schemes_lib.scheme_config(base, scheme, 3)
+    batch = {"inputs": np.random.default_rng(4).integers(3, 260, (2, 8)).astype(np.int32)}
+    record, = signal_prop.measure(cfg, seeds=[0], batch=batch, scheme=scheme)
+    assert len(record["cosine"]) == 4 and np.shape(record["branch_to_skip"]) == (3, 2)
+    assert np.all(np.isfinite(record["stream_norm"]))
+    assert all(-1 <= c <= 1 + 1e-6 for c in record["cosine"])

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from deepnorm import layerwise
+from deepnorm import residual as residual_lib
 from deepnorm import transformer as transformer_lib
 from deepnorm.analysis import schemes as schemes_lib
 from deepnorm.analysis.params import init_params
@@ -62,8 +63,9 @@ def cosine_hook():
     def with_cosine(self, x_BxTxD, consts, **kwargs):
         y, stats = original(self, x_BxTxD, consts, **kwargs)
         mask = kwargs.get("token_mask_BxT")
-        return y, dict(stats, cosine_in=mean_cosine_similarity(x_BxTxD, mask),
-                       cosine_out=mean_cosine_similarity(y, mask))
+        seen = residual_lib.get(self.residual).observed  # several streams: the first
+        return y, dict(stats, cosine_in=mean_cosine_similarity(seen(x_BxTxD), mask),
+                       cosine_out=mean_cosine_similarity(seen(y), mask))
 
     transformer_lib.Block.__call__ = with_cosine
     try:

@@ -111,7 +111,8 @@ def run_row(base_cfg, row: Row, lrs, seeds, *, num_steps, batch_size, seq_len,
         for lr, seed in lanes]
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *lane_states)
     train_step = make_train_step(graphdef, tx, diagnostics=False,
-                                 label_smoothing=float(opt_config.label_smoothing))
+                                 label_smoothing=float(opt_config.label_smoothing),
+                                 z_loss=float(opt_config.get("z_loss", 0.0)))
     eval_step = make_eval_step(graphdef)
 
     @jax.jit

@@ -52,7 +52,8 @@ def train_seeds(graphdef, params_S, seeds, batches, opt_config, *, num_steps: in
     """
     tx, _ = make_optimizer(opt_config, num_steps)
     train_step = make_train_step(graphdef, tx, diagnostics=False,
-                                 label_smoothing=float(opt_config.label_smoothing))
+                                 label_smoothing=float(opt_config.label_smoothing),
+                                 z_loss=float(opt_config.get("z_loss", 0.0)))
 
     @jax.jit
     def run(state_S, b):
@@ -65,11 +66,11 @@ def train_seeds(graphdef, params_S, seeds, batches, opt_config, *, num_steps: in
 
 def optimizer_config(learning_rate: float, warmup_steps: int = 0):
     """The analysis's default ``optimizer`` block for ``make_optimizer``: AdamW with DeepNet's
-    betas (0.9, 0.98), no weight decay, no clipping, no label smoothing, a linear warmup and
+    betas (0.9, 0.98), no weight decay, no clipping, no label smoothing, no z-loss, a linear warmup and
     then a constant rate. configs/analysis/*.py set the same values (tests check they agree)."""
     from ml_collections import config_dict
 
     return config_dict.ConfigDict(dict(
         learning_rate=learning_rate, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
         warmup_steps=warmup_steps, decay_start=0, schedule="constant", grad_clip_norm=0.0,
-        label_smoothing=0.0))
+        label_smoothing=0.0, z_loss=0.0))

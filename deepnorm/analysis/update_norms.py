@@ -50,7 +50,8 @@ def measure(cfg, *, seeds, batches, probe, num_steps: int, opt_config,
     probe = jax.tree.map(jnp.asarray, probe)
     tx, _ = make_optimizer(opt_config, num_steps)
     train_step = make_train_step(graphdef, tx, diagnostics=False,
-                                 label_smoothing=float(opt_config.label_smoothing))
+                                 label_smoothing=float(opt_config.label_smoothing),
+                                 z_loss=float(opt_config.get("z_loss", 0.0)))
 
     def output(p):
         logits, _ = model_forward(nnx.merge(graphdef, p), probe)
