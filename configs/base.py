@@ -112,6 +112,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # every_step: per-layer grad / update / activation norms on every step (feeds the
     # divergence monitor); log_steps: only on logged steps; off: none.
     config.diagnostics = "every_step"
+    # Gradient noise scale of the norm layers (Gray et al. 2024) on logged steps: gns_b_simple
+    # and its |G|^2, tr(Sigma) estimates, for the model and per layer (docs/training.md).
+    # Needs batch_size >= 2 and a model with norm parameters.
+    config.gns = False
     config.on_nonfinite = "stop"  # stop | skip (drop the update; stop after k in a row)
     config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
     config.max_loss = 100.0  # a finite loss above this also counts as diverged

@@ -110,3 +110,27 @@ def test_train_step_noise_scale_equals_the_vmap_reference(k):
 def _state_params(graphdef, pure):
     """A pure-dict param tree as the nnx.State the reference helper expects."""
     return nnx.split(nnx.merge(graphdef, pure), nnx.Param)[1]
+
+
+def test_a_training_run_logs_the_noise_scale_on_logged_steps(tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import decoder_lm
+    from deepnorm.training.loop import train_and_evaluate
+    from deepnorm.training.metrics import read_metrics
+
+    config = decoder_lm.get_config("quick")
+    config.model.update(d_model=16, d_ff=32, num_layers=2)
+    config.train.update(num_steps=3, batch_size=4, seq_len=16, log_every=2, eval_every=3,
+                        checkpoint_every=3, progress_bar=False, gns=True,
+                        diagnostics="log_steps")
+    train_and_evaluate(config, str(tmp_path))
+    rows = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert np.isfinite(row["gns_trace"]) and np.isfinite(row["gns_grad_sq"])
+        np.testing.assert_allclose(row["gns_b_simple"], row["gns_trace"] / row["gns_grad_sq"],
+                                   rtol=1e-5)
+        assert len(row["gns_b_simple_per_layer"]) == 2

@@ -275,6 +275,7 @@ def _setup(config, workdir: str) -> _Run:
     model_cfg = resolve_model_config(TransformerConfig.from_mapping(config.model))
     train = config.train
     check_train_config(train)
+    validation.check_gns(train, model_cfg)
     if train.bleu_every > 0 and model_cfg.arch != "encoder_decoder":
         raise ConfigError(f"train.bleu_every={train.bleu_every} needs "
                           f"model.arch='encoder_decoder' (got {model_cfg.arch!r}); set "
@@ -337,16 +338,18 @@ def _setup(config, workdir: str) -> _Run:
 
 
 def _compile_train_step(run: _Run, config):
-    """``train_step(with_diagnostics) -> jitted step``. ``train.diagnostics="log_steps"``
-    compiles a second step without the per-layer reductions for the steps not logged."""
+    """``train_step(logged) -> jitted step``. ``train.diagnostics="log_steps"`` (or "off"
+    with ``train.gns``) compiles a second step without the per-layer reductions and the noise
+    scale for the steps not logged."""
     train = run.train
     step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
                        skip_nonfinite=train.on_nonfinite == "skip",
                        grad_accum_steps=train.grad_accum_steps,
                        loss_scale_period=(train.loss_scale_period if run.scaling else None))
 
-    def compile_step(diagnostics: bool):
-        inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, **step_kwargs)
+    def compile_step(diagnostics: bool, gns: bool):
+        inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, gns=gns,
+                                **step_kwargs)
 
         def step(state, batch):
             # The rate this update uses, from the optimizer's own count: a step dropped by
@@ -359,8 +362,11 @@ def _compile_train_step(run: _Run, config):
                        out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)),
                        donate_argnums=0)
 
-    full = compile_step(train.diagnostics != "off")
-    light = compile_step(False) if train.diagnostics == "log_steps" else full
+    # train.gns rides on the logged steps' step: every step with diagnostics="every_step",
+    # else only the logged ones (the others run the light step).
+    full = compile_step(train.diagnostics != "off", train.gns)
+    separate = train.diagnostics == "log_steps" or (train.gns and train.diagnostics == "off")
+    light = compile_step(False, False) if separate else full
     return lambda logged: full if logged else light
 
 
