@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from deepnorm.analysis.schemes import SCHEMES
@@ -231,6 +232,12 @@ def _save(fig, path):
     return fig
 
 
+def _two_five(value, _):
+    """Minor log-axis labels at 2 and 5 times a power of ten only."""
+    lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
 def plot_gns(records, path=None):
     """Gray et al. 2024: the norm layers' B_simple against the whole model's (left, one point
     per scheme x depth x seed x checkpoint, larger later in training) and both along training
@@ -280,5 +287,8 @@ def plot_gns(records, path=None):
     ax_t.set_ylabel("B_simple")
     ax_t.set_title("along training: all parameters (solid), norms only (dashed)")
     ax_t.legend(fontsize=7)
+    for axis in (ax_s.xaxis, ax_s.yaxis, ax_t.yaxis):  # plain numbers on the log axes
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_two_five))
     fig.tight_layout()
     return _save(fig, path)
