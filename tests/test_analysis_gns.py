@@ -113,3 +113,16 @@ def test_gns_command_writes_json_and_figure(tmp_path):
     records = json.loads((tmp_path / "gns.json").read_text())
     assert [r["step"] for r in records] == [0, 2]
     assert (tmp_path / "gns.png").stat().st_size > 0
+
+
+def test_gns_defaults_are_the_notebooks_setup():
+    """configs/analysis/gns.py is what notebooks/gradient_noise_scale.py measures."""
+    from deepnorm.analysis import settings
+
+    _, config = cli.load(["gns", OUT])
+    values, base = cli.check("gns", config)
+    assert set(settings.FIELDS["gns"]) == set(config.analysis)
+    assert values["checkpoints"] == [0, 25, 100, 200] and values["steps"] == 200
+    assert (base.arch, base.num_layers, base.d_model, base.d_ff, base.num_heads,
+            base.dropout_rate) == ("decoder", 4, 64, 128, 2, 0.0)
+    assert config.optimizer.to_dict() == optimizer_config(1e-3, warmup_steps=10).to_dict()
