@@ -111,4 +111,27 @@ print(f"\nover {ok.sum()} (scheme, seed, checkpoint) points: corr(log full, log 
       f"{np.median(norms[ok] / full[ok]):.2f}")
 
 # %% [markdown]
-# **What we see.** RESULTS
+# **What we see.** 5 schemes x 2 seeds x 4 checkpoints of a 4-layer decoder-only LM (d=64,
+# Adam at 1e-3, batch 16 x 32 tokens); each point from 8 held-out batches (128 examples).
+#
+# * **The norms track the whole model's noise scale.** The full B_simple rises from 1.6-2.3
+#   at initialization to 18-106 at step 200, and over the 40 points the logarithms of the two
+#   estimates correlate at 0.98. At step 200 the two sides rank the schemes the same way (Pre-LN > SubLN >
+#   Sandwich-LN > Post-LN > DeepNorm, all parameters 106 / 91 / 54 / 32 / 18, norms only
+#   60 / 46 / 30 / 19 / 16). At step 100 the schemes lie within a factor 1.5 of each other,
+#   and the order is not the same on the two sides.
+# * **The norms read low.** The norms-only value is a median 0.64 of the full one (single
+#   points 0.33-1.53): 0.35-0.63 at initialization, 0.90-1.28 at step 25, 0.50-0.90 at step
+#   200. DeepNorm's stays closest (0.90-0.99 after step 100); the Pre-LN-like schemes' drifts
+#   down to 0.5-0.56 by step 200.
+#
+# **Does the claim hold here?** For monitoring, yes: the norm layers' per-example gradients,
+# which the training step gets from its one backward pass (`train.gns=True`), follow the whole
+# model's noise scale through training and across schemes. As a drop-in value, no: on these
+# models they underestimate it by up to about a factor 2, and by how much depends on the
+# scheme and the training time. A batch size chosen from the norms alone would come out too
+# small, by up to about half, unless the norms are first calibrated against the exact full
+# estimate.
+# Caveats: tiny models and a 200-step run (Gray et al. study larger models over whole runs);
+# each point is one 128-example estimate, and a single point's ratio is noisy, as the spread
+# between the two seeds in the left panel shows.
