@@ -3,6 +3,7 @@
 ``grad_norms``     expected gradient norm per layer at initialization (Xiong et al. 2020, Fig. 3)
 ``update_norms``   ||F(x, theta_t) - F(x, theta_0)|| in early training (Wang et al. 2022, Fig. 4-5)
 ``stability_map``  final loss or divergence over scheme x depth x learning rate x warmup
+``gns``            the norm layers' gradient noise scale against the whole model's (Gray et al. 2024)
 ``plotting``       their figures, one fixed colour per residual scheme
 
 The same functions back the CLI (``python -m deepnorm.analysis COMMAND``, configs in
