@@ -153,7 +153,7 @@ def test_probes_leave_the_forward_pass_and_the_batch_gradient_unchanged():
 def test_a_model_without_norms_has_no_probes():
     cfg = TransformerConfig(**TINY, arch="decoder", num_layers=2, residual="rezero",
                             norm="none")
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes suffice
     assert norm_probes.zero_probes(model, B) == {}
     per_layer, total = norm_probes.per_layer_sq_norms({})
     assert per_layer.shape == (0,) and float(total) == 0.0
