@@ -122,6 +122,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # per-layer norms), attention, activations, logits, updates, adam (docs/training.md,
     # "Diagnostics"); a group left out is not computed at all.
     config.diagnostic_groups = "all"
+    # Gradient noise scale of the norm layers (Gray et al. 2024) on logged steps: gns_b_simple
+    # and its |G|^2, tr(Sigma) estimates, for the model and per layer (docs/training.md).
+    # Needs batch_size >= 2 and a model with norm parameters.
+    config.gns = False
     config.on_nonfinite = "stop"  # stop | skip (drop the update; stop after k in a row)
     config.max_consecutive_skips = 10  # the k of on_nonfinite=skip
     config.max_loss = 100.0  # a finite loss above this also counts as diverged

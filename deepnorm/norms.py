@@ -8,6 +8,13 @@ residual streams stable; the result is cast back to the input's dtype.
 the normalization alone, for a model whose gains and biases were folded into the adjacent
 projections (``deepnorm.export.fold_norms``). Gains of 1 and biases of 0 would give the same
 outputs but still cost the multiply-add; a norm without them does not compute it.
+
+Every parameter ``p`` of a norm is read through ``_param``, which adds the norm's *probe* for
+``p`` when one is attached (``deepnorm.norm_probes``): a zero array with one row per example,
+``[B, *p.shape]``, broadcast over that example's tokens. The forward pass is unchanged (the
+probe is zero), and the gradient of the loss with respect to probe row b is the per-example
+gradient of ``p`` for example b: that is how the gradient noise scale is measured from the
+norm layers (Gray et al. 2024) without per-example gradients of any weight matrix.
 """
 
 from __future__ import annotations
@@ -23,12 +30,42 @@ def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def _gain(param: nnx.Param | None, y: jax.Array) -> jax.Array:
-    return y if param is None else y * param[...]
+def _gain(g: jax.Array | None, y: jax.Array) -> jax.Array:
+    return y if g is None else y * g
 
 
-def _shift(param: nnx.Param | None, y: jax.Array) -> jax.Array:
-    return y if param is None else y + param[...]
+def _shift(b: jax.Array | None, y: jax.Array) -> jax.Array:
+    return y if b is None else y + b
+
+
+class NormProbe(nnx.Variable):
+    """A zero per-example offset of one norm parameter, ``[B, *param.shape]``; its gradient is
+    that parameter's per-example gradient. Attached only while measuring (never a Param, so
+    optimizers, checkpoints and the param tree never see it)."""
+
+
+PROBE_SUFFIX = "_probe"  # the probe of parameter ``scale`` is the attribute ``scale_probe``
+
+
+def _param(norm: nnx.Module, name: str, x: jax.Array) -> jax.Array:
+    """Parameter ``name`` of ``norm`` as applied to ``x`` [B, ..., d]: the parameter itself, or
+    with a probe attached ``param + probe[b]`` for every token of example b, [B, 1.., *shape].
+
+    Exact per-example gradients: y_bt depends on the parameter only through p + probe_b, so
+    dL/dprobe_b = sum over example b's tokens of dL/dy_bt * dy_bt/dp, which is example b's
+    share of dL/dp (all B rows sum to dL/dp).
+    """
+    param = getattr(norm, name)
+    if param is None:  # an affine-free norm (affine=False) has no such parameter
+        return None
+    value = param[...]
+    probe = getattr(norm, name + PROBE_SUFFIX, None)
+    if probe is None:
+        return value
+    probe = probe[...]
+    # [B, *S] -> [B, 1, ..., 1, *S]: one row per example, the same for all its positions.
+    middle = (1,) * (x.ndim - 1 - value.ndim)
+    return value + probe.reshape(probe.shape[:1] + middle + value.shape)
 
 
 class LayerNorm(nnx.Module):
@@ -46,7 +83,7 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
         y = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        return _shift(self.bias, _gain(self.scale, y)).astype(x.dtype)
+        return _shift(_param(self, "bias", x), _gain(_param(self, "scale", x), y)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -61,7 +98,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _f32(x)
         ms = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
-        return _gain(self.scale, h * jax.lax.rsqrt(ms + self.eps)).astype(x.dtype)
+        return _gain(_param(self, "scale", x), h * jax.lax.rsqrt(ms + self.eps)).astype(x.dtype)
 
 
 class ScaleNorm(nnx.Module):
@@ -80,7 +117,7 @@ class ScaleNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _f32(x)
         norm = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1, keepdims=True))
-        return _gain(self.scale, h / jnp.maximum(norm, self.eps)).astype(x.dtype)
+        return _gain(_param(self, "scale", x), h / jnp.maximum(norm, self.eps)).astype(x.dtype)
 
 
 class DyT(nnx.Module):
@@ -99,8 +136,8 @@ class DyT(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jnp.tanh(self.alpha[...] * _f32(x))
-        return _shift(self.bias, _gain(self.scale, h)).astype(x.dtype)
+        h = jnp.tanh(_param(self, "alpha", x) * _f32(x))
+        return _shift(_param(self, "bias", x), _gain(_param(self, "scale", x), h)).astype(x.dtype)
 
 
 class Identity(nnx.Module):

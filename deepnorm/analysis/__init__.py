@@ -4,6 +4,7 @@
 ``update_norms``   ||F(x, theta_t) - F(x, theta_0)|| in early training (Wang et al. 2022, Fig. 4-5)
 ``stability_map``  final loss or divergence over scheme x depth x learning rate x warmup
 ``signal_prop``    per-layer token cosine similarity, stream growth, branch/skip ratio at init
+``gns``            the norm layers' gradient noise scale against the whole model's (Gray et al. 2024)
 ``plotting``       their figures, one fixed colour per residual scheme
 
 The same functions back the CLI (``python -m deepnorm.analysis COMMAND``, configs in

@@ -7,6 +7,8 @@ Commands (each writes OUT/<command>.json, OUT/<command>.png and OUT/<command>.me
 ``stability-map``  residual x depth x peak lr x warmup: final loss or divergence.
 ``signal-prop``    per layer at init: token cosine similarity (rank collapse), stream norm
                    growth, branch-to-skip ratio, every scheme, up to 1,000 layers.
+``gns``            Gray et al. 2024: the norm layers' gradient noise scale against the whole
+                   model's, across schemes and training time.
 
 Configs are read as train.py reads them (absl + ``ml_collections.config_flags``): the default
 ``--config`` is configs/analysis/<command>.py, whose ``analysis`` block holds the command's
@@ -37,7 +39,7 @@ from deepnorm.analysis import settings as settings_lib
 from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.training.platform import resolve_model_config
 
-COMMANDS = ("grad-norms", "update-norms", "stability-map", "signal-prop")
+COMMANDS = ("grad-norms", "update-norms", "stability-map", "signal-prop", "gns")
 PROG = "python -m deepnorm.analysis"
 REPO = pathlib.Path(__file__).resolve().parents[2]  # holds configs/ (an editable install)
 EXIT_BAD_INPUT = 2
@@ -141,7 +143,7 @@ def _check_optimizer(command: str, values: dict, opt_config) -> None:
         for warmup in values["warmups"]:
             make_optimizer(config_dict.ConfigDict(dict(
                 opt_config.to_dict(), learning_rate=1.0, warmup_steps=warmup)), values["steps"])
-    elif command == "update-norms" or values.get("train_steps"):
+    elif command in ("update-norms", "gns") or values.get("train_steps"):
         make_optimizer(opt_config, values.get("steps") or values["train_steps"])
 
 

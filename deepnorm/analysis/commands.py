@@ -69,4 +69,17 @@ def run(command: str, s: dict, base, config, out: pathlib.Path) -> list[dict]:
                                   seeds=seeds, batch=batch)
         plotting.plot_signal_prop(records, out / "signal-prop.png")
         return records
+    if command == "gns":
+        from deepnorm.analysis import gns
+
+        # Measured on the first s["batches"] batches of the stream, trained on the ones after.
+        batches, train = grad_norm_batches(data_config, arch=base.arch,
+                                           num_batches=s["batches"],
+                                           train_steps=s["train_batches"],
+                                           batch_size=s["batch_size"], seq_len=s["seq_len"])
+        records = gns.run(base, schemes=s["residuals"], depths=s["depths"], seeds=seeds,
+                          batches=batches, train_batches=train, num_steps=s["steps"],
+                          checkpoints=s["checkpoints"], opt_config=config.optimizer)
+        plotting.plot_gns(records, out / "gns.png")
+        return records
     raise ValueError(f"unknown command {command!r}")

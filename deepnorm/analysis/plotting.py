@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from deepnorm.analysis.schemes import COLORS, LABELS, SCHEMES
@@ -265,3 +266,65 @@ def _save(fig, path):
     if path is not None:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
+
+
+def _two_five(value, _):
+    """Minor log-axis labels at 2 and 5 times a power of ten only."""
+    lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
+def plot_gns(records, path=None):
+    """Gray et al. 2024: the norm layers' B_simple against the whole model's (left, one point
+    per scheme x depth x seed x checkpoint, larger later in training) and both along training
+    (right: full solid, norms only dashed; mean over seeds)."""
+    schemes = _ordered(r["residual"] for r in records)
+    depths = sorted({r["num_layers"] for r in records})
+    steps = sorted({r["step"] for r in records})
+    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = dict(zip(steps, np.linspace(15, 70, len(steps))))
+    markers = dict(zip(depths, "os^Dv<>"))
+    values = []
+    for r in records:
+        full, norms = r["b_simple_full"], r["b_simple_norms"]
+        if not (full > 0 and norms > 0):  # a negative |G|^2 estimate: not plottable on log axes
+            continue
+        values += [full, norms]
+        ax_s.scatter(full, norms, s=sizes[r["step"]], color=color(r["residual"]),
+                     marker=markers[r["num_layers"]], alpha=0.8, lw=0)
+    if values:
+        lo, hi = min(values) / 1.5, max(values) * 1.5
+        ax_s.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls=":", label="norms = full")
+        ax_s.set_xlim(lo, hi)
+        ax_s.set_ylim(lo, hi)
+    ax_s.set_xscale("log")
+    ax_s.set_yscale("log")
+    ax_s.set_xlabel("B_simple, all parameters (exact per-example)")
+    ax_s.set_ylabel("B_simple, norm parameters only")
+    ax_s.set_title("prediction from the norm layers (bigger = later)")
+    for scheme in schemes:
+        ax_s.scatter([], [], color=color(scheme), label=label(scheme))
+    ax_s.legend(fontsize=7)
+    styles = ["-", "--"]
+    for scheme in schemes:
+        for i, depth in enumerate(depths):
+            rows = [r for r in records if r["residual"] == scheme and r["num_layers"] == depth]
+            if not rows:
+                continue
+            for side, ls in zip(("full", "norms"), styles):
+                # Ratio of the seed-mean estimates, as for the batches within a seed.
+                curve = [np.mean([r[f"trace_{side}"] for r in rows if r["step"] == t])
+                         / np.mean([r[f"grad_sq_{side}"] for r in rows if r["step"] == t])
+                         for t in steps]
+                ax_t.plot(steps, curve, color=color(scheme), ls=ls, marker=markers[depth],
+                          ms=3, label=(f"{label(scheme)} L={depth}" if side == "full" else None))
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("training step")
+    ax_t.set_ylabel("B_simple")
+    ax_t.set_title("along training: all parameters (solid), norms only (dashed)")
+    ax_t.legend(fontsize=7)
+    for axis in (ax_s.xaxis, ax_s.yaxis, ax_t.yaxis):  # plain numbers on the log axes
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_two_five))
+    fig.tight_layout()
+    return _save(fig, path)

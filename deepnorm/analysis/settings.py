@@ -19,12 +19,14 @@ FIELDS = {
     "stability-map": ("out", "residuals", "depths", "lrs", "warmups", "steps", "seeds",
                       "batch_size", "seq_len", "max_loss", "workers"),
     "signal-prop": ("out", "residuals", "depths", "seeds", "batch_size", "seq_len"),
+    "gns": ("out", "residuals", "depths", "seeds", "batches", "batch_size", "seq_len",
+            "train_batches", "steps", "checkpoints"),
 }
 # The projection groups grad-norms records (deepnorm.analysis.grad_norms.group_name).
 PARAM_GROUPS = ("ffn_in", "ffn_out") + tuple(
     f"{attn}.{role}" for attn in ("self_attn", "cross_attn")
     for role in ("query", "key", "value", "out"))
-POSITIVE = ("seeds", "batches", "batch_size", "seq_len", "steps", "workers")
+POSITIVE = ("seeds", "batches", "batch_size", "seq_len", "steps", "workers", "train_batches")
 
 
 def _items(name, text):
@@ -85,9 +87,28 @@ def parse(command: str, analysis) -> dict:
             if name not in PARAM_GROUPS:
                 raise ConfigError(f"analysis.plot_params: {name!r} is not one of "
                                   f"{', '.join(PARAM_GROUPS)}")
+    if command == "gns":
+        _check_gns(values)
     if command == "stability-map":
         values["lrs"] = _positive_floats("lrs", values["lrs"])
         values["warmups"] = _int_list("warmups", values["warmups"], minimum=0)
         if not values["max_loss"] > 0:
             raise ConfigError(f"analysis.max_loss={values['max_loss']} must be positive")
     return values
+
+
+def _check_gns(values: dict) -> None:
+    """gns: per-example against batch needs B >= 2; checkpoints within the run; schemes
+    with norm parameters to measure."""
+    if values["batch_size"] < 2:
+        raise ConfigError(f"analysis.batch_size={values['batch_size']}: the noise scale "
+                          "compares batch sizes 1 and B, so B must be at least 2")
+    values["checkpoints"] = sorted(set(_int_list("checkpoints", values["checkpoints"],
+                                                 minimum=0)))
+    if values["checkpoints"][-1] > values["steps"]:
+        raise ConfigError(f"analysis.checkpoints: step {values['checkpoints'][-1]} is after "
+                          f"the run's last, analysis.steps={values['steps']}")
+    for name in values["residuals"]:
+        if schemes_lib.PRESETS[name].get("norm") == "none":
+            raise ConfigError(f"analysis.residuals: {name!r} has no norm layers to measure; "
+                              "choose schemes with norms")

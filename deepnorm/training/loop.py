@@ -291,6 +291,7 @@ def _setup(config, workdir: str) -> _Run:
     model_cfg = resolve_model_config(TransformerConfig.from_mapping(config.model))
     train = config.train
     check_train_config(train)
+    validation.check_gns(train, model_cfg)
     if train.bleu_every > 0 and model_cfg.arch != "encoder_decoder":
         raise ConfigError(f"train.bleu_every={train.bleu_every} needs "
                           f"model.arch='encoder_decoder' (got {model_cfg.arch!r}); set "
@@ -384,9 +385,9 @@ def _rewind(run: _Run, reporter: "_Reporter", feed: rewind_lib.BatchFeed,
 
 
 def _compile_train_step(run: _Run, config):
-    """``train_step(with_diagnostics) -> jitted step``. ``train.diagnostics="log_steps"``
-    compiles a second step without the diagnostics for the steps not logged; the groups
-    computed are ``train.diagnostic_groups``."""
+    """``train_step(logged) -> jitted step``. ``train.diagnostics="log_steps"`` (or "off"
+    with ``train.gns``) compiles a second step without the diagnostics and the noise scale for
+    the steps not logged; the groups computed are ``train.diagnostic_groups``."""
     train = run.train
     step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
                        skip_nonfinite=train.on_nonfinite == "skip",
@@ -395,8 +396,9 @@ def _compile_train_step(run: _Run, config):
                        z_loss=float(config.optimizer.get("z_loss", 0.0)))
     groups = diagnostics_lib.parse_groups(train.get("diagnostic_groups", "all"))
 
-    def compile_step(diagnostics):
-        inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, **step_kwargs)
+    def compile_step(diagnostics, gns: bool):
+        inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, gns=gns,
+                                **step_kwargs)
 
         def step(state, batch):
             # The rate this update uses, from the optimizer's own count: a step dropped by
@@ -409,8 +411,11 @@ def _compile_train_step(run: _Run, config):
                        out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)),
                        donate_argnums=0)
 
-    full = compile_step(groups if train.diagnostics != "off" else frozenset())
-    light = compile_step(frozenset()) if train.diagnostics == "log_steps" else full
+    # train.gns rides on the logged steps' step: every step with diagnostics="every_step",
+    # else only the logged ones (the others run the light step).
+    full = compile_step(groups if train.diagnostics != "off" else frozenset(), train.gns)
+    separate = train.diagnostics == "log_steps" or (train.gns and train.diagnostics == "off")
+    light = compile_step(frozenset(), False) if separate else full
     return lambda logged: full if logged else light
 
 

@@ -15,9 +15,11 @@ import optax
 from flax import nnx
 
 from deepnorm import layerwise
+from deepnorm import norm_probes
 from deepnorm.config import ConfigError
 from deepnorm.training import diagnostics as diagnostics_lib
 from deepnorm.training import loss_scale as loss_scale_lib
+from deepnorm.training import noise_scale
 from deepnorm.training.loss import cross_entropy, loss_sums, model_forward
 from deepnorm.training.loss import loss_fn  # noqa: F401  (steps.loss_fn, as before)
 from deepnorm.training.state import TrainState
@@ -62,9 +64,24 @@ def split_micro_batches(batch, num_micro: int):
     return jax.tree.map(split, batch)
 
 
+def noise_scale_metrics(norm_grads, example_sq_sums, batch_size: int) -> dict:
+    """``gns_*`` metrics from the norm parameters' batch gradients and the per-example
+    squared-norm sums of their shares of the mean loss (``deepnorm.norm_probes``)."""
+    batch_layer, batch_total = norm_probes.per_layer_sq_norms(norm_grads)
+    share_layer, share_total = example_sq_sums
+    metrics = {}
+    for suffix, shares, batch_sq in (("", share_total, batch_total),
+                                     ("_per_layer", share_layer, batch_layer)):
+        grad_sq, trace = noise_scale.from_shares(shares, batch_sq, batch_size)
+        metrics.update({f"gns_grad_sq{suffix}": grad_sq, f"gns_trace{suffix}": trace,
+                        f"gns_b_simple{suffix}": noise_scale.b_simple(trace, grad_sq)})
+    return metrics
+
+
 def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=True,
                     skip_nonfinite: bool = False, grad_accum_steps: int = 1,
-                    loss_scale_period: int | None = None, z_loss: float = 0.0):
+                    loss_scale_period: int | None = None, z_loss: float = 0.0,
+                    gns: bool = False):
     """Returns ``train_step(state, batch) -> (new_state, metrics)``.
 
     ``metrics`` (all scalars unless noted): ``loss`` (the optimized, label-smoothed loss,
@@ -95,6 +112,12 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
     in the metrics while the scale is above its floor, so the caller does not take it for a
     divergence), ``loss_scale_period`` finite steps in a row double it. The metrics gain
     ``loss_scale`` (the scale this step used) and ``overflow``.
+
+    ``gns``: the simple gradient noise scale of the norm layers (Gray et al. 2024) from this
+    batch, with per-example gradients of every norm parameter taken in the same backward pass
+    (``deepnorm.norm_probes``; estimators in ``deepnorm.training.noise_scale``): ``gns_grad_sq``
+    (|G|^2), ``gns_trace`` (tr Sigma) and ``gns_b_simple`` (their ratio) over all norms, and the
+    same per layer as ``gns_*_per_layer`` [N+M]. Needs a batch of at least 2 examples.
     """
     scaling = loss_scale_period is not None
     groups = diagnostics_lib.resolve_groups(diagnostics)
@@ -109,8 +132,10 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
         num_tokens = jnp.sum(batch["weights"].astype(jnp.float32))
         denom = jnp.maximum(num_tokens, 1.0)
 
-        def objective(params, micro_batch, key):
+        def objective(params, probes, micro_batch, key):
             model = nnx.merge(graphdef, params)
+            if probes is not None:
+                norm_probes.attach_probes(model, probes)
             total, nll, aux = loss_sums(model, micro_batch, label_smoothing=label_smoothing,
                                         deterministic=False, dropout_key=key, z_loss=z_loss,
                                         extra_stats=extra_stats,
@@ -119,18 +144,38 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
             z = aux.pop("z_loss", jnp.zeros(())) / denom
             return scaler.scale(loss), ((loss, nll / denom, z), aux)
 
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        value_and_grads = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+        micro_size = batch["inputs"].shape[0] // grad_accum_steps
+        probes = (norm_probes.zero_probes(nnx.merge(graphdef, state.params), micro_size)
+                  if gns else None)
+
+        def grad_fn(micro_batch, key):
+            """((loss, nll, z), aux), grads and, with ``gns``, the norm statistics that add up
+            over micro-batches: batch gradients of the norm parameters and the per-example
+            squared-norm sums, unscaled like the gradients."""
+            (_, (sums, aux)), (grads, probe_grads) = value_and_grads(
+                state.params, probes, micro_batch, key)
+            if not gns:
+                return (sums, aux), grads, None
+            probe_grads = scaler.unscale(probe_grads)
+            return (sums, aux), grads, (norm_probes.summed_over_examples(probe_grads),
+                                        norm_probes.example_sq_norm_sums(probe_grads))
+
         if grad_accum_steps == 1:
-            (_, ((loss, nll, z), aux)), grads = grad_fn(state.params, batch, dropout_key)
+            ((loss, nll, z), aux), grads, norm_stats = grad_fn(batch, dropout_key)
         else:
             def accumulate(carry, xs):
                 index, micro_batch = xs
-                (_, (sums, aux)), grads = grad_fn(
-                    state.params, micro_batch, jax.random.fold_in(dropout_key, index))
-                return jax.tree.map(jnp.add, carry, (sums, grads)), aux
+                (sums, aux), grads, stats = grad_fn(
+                    micro_batch, jax.random.fold_in(dropout_key, index))
+                return jax.tree.map(jnp.add, carry, (sums, grads, stats)), aux
 
-            zeros = ((jnp.zeros(()),) * 3, jax.tree.map(jnp.zeros_like, state.params))
-            ((loss, nll, z), grads), auxs = jax.lax.scan(
+            # The norm statistics of zero probe gradients: zeros of the right shapes.
+            zero_stats = (None if not gns else (norm_probes.summed_over_examples(probes),
+                                                norm_probes.example_sq_norm_sums(probes)))
+            zeros = ((jnp.zeros(()),) * 3, jax.tree.map(jnp.zeros_like, state.params),
+                     zero_stats)
+            ((loss, nll, z), grads, norm_stats), auxs = jax.lax.scan(
                 accumulate, zeros,
                 (jnp.arange(grad_accum_steps), split_micro_batches(batch, grad_accum_steps)))
             aux = diagnostics_lib.combine_micro_batches(auxs)
@@ -173,6 +218,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
             metrics.update(diagnostics_lib.step_metrics(
                 groups, arch=arch, aux=aux, updates=updates, params=state.params,
                 opt_state=opt_state))
+        if gns:
+            metrics.update(noise_scale_metrics(*norm_stats, batch["inputs"].shape[0]))
         return new_state, metrics
 
     return train_step

@@ -24,6 +24,28 @@ from deepnorm.config import ConfigError
 STATE_SECTIONS = ("model", "optimizer")
 
 
+def check_gns(train, model_cfg) -> None:
+    """``train.gns``: a bool, a batch of at least two examples, and norm parameters to probe
+    (``deepnorm.norm_probes``; the model is built abstractly, no FLOPs)."""
+    if not isinstance(train.gns, bool):
+        raise ConfigError(f"train.gns={train.gns!r} must be True or False")
+    if not train.gns:
+        return
+    if train.batch_size < 2:
+        raise ConfigError(f"train.gns=True needs train.batch_size >= 2 (got "
+                          f"{train.batch_size}): the noise scale compares batch sizes 1 and B")
+    from flax import nnx
+
+    from deepnorm import norm_probes
+    from deepnorm.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    if not norm_probes.norm_modules(model):
+        raise ConfigError(f"train.gns=True needs norm parameters, and model.norm="
+                          f"{model_cfg.norm!r} with model.residual={model_cfg.residual!r} has "
+                          "none; set train.gns=False")
+
+
 def check_workdir(workdir: str) -> str:
     """The absolute workdir, after checking it is (or can become) a writable directory.
 
