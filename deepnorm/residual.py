@@ -71,15 +71,18 @@ class Param:
     in the block (``self_attn_gate``, ``ffn_omega``).
 
     ``init`` is a number or ``init(cfg, num_layers, position) -> number or array``
-    (``num_layers``: the stack's; ``position``: the sublayer's 0-based place in the stack,
-    traced while the stacked layers are built); ``shape`` is ``"scalar"``, ``"d_model"`` (one
-    value per feature) or a tuple of sizes.
+    (``num_layers``: the stack's; ``position``: the sublayer's 0-based place in the stack, or
+    with ``per_layer`` the layer's 1-based index; traced while the stacked layers are built);
+    ``shape`` is ``"scalar"``, ``"d_model"`` (one value per feature), ``"history"`` (one value
+    per layer output of the stack, the embedding's included: ``num_layers + 1``) or a tuple
+    of sizes.
     """
 
     name: str
     init: float | Callable[..., Any]
     shape: str | tuple[int, ...] = "scalar"
     kinds: frozenset = BOTH
+    per_layer: bool = False  # init's third argument is the 1-based layer index
 
     def value(self, cfg, num_layers: int, position=0) -> tuple[Array, tuple]:
         """The initial array and its logical axes."""
@@ -88,6 +91,8 @@ class Param:
             shape, axes = (), ()
         elif self.shape == "d_model":
             shape, axes = (cfg.d_model,), ("norm",)
+        elif self.shape == "history":
+            shape, axes = (num_layers + 1,), (None,)
         else:
             shape, axes = tuple(self.shape), (None,) * len(self.shape)
         return jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape), axes
@@ -125,6 +130,10 @@ class Scheme:
     # stack's output.
     streams: int = 1
     merge: Callable | None = None
+    # A carry other than n copies of the embedding output: ``carry(x_BxTxD, num_layers)`` makes
+    # the stack's carry, whose [0] is the stream the layer reads (DLCL: the stream and the
+    # history of every layer's output, [L + 2, B, T, D]).
+    carry: Callable | None = None
     # What the output of `norm` feeds: "branch" (only the branch's first projections, so its
     # gain and bias fold into them), "stream" (the norm's output is the stream, carried on the
     # skip path too: the affine stays) or "mixed" (by layer); None: not declared, left
@@ -143,8 +152,15 @@ class Scheme:
     def uses_norm(self) -> bool:
         return bool(self.norm | self.norm_out | self.inner_norm) or self.input_norm
 
-    def enter(self, x_BxTxD: Array) -> Array:
-        """The stream(s) entering the first layer."""
+    @property
+    def multi_stream(self) -> bool:
+        """Whether the stack's carry is more than the stream [B, T, D]."""
+        return self.streams > 1 or self.carry is not None
+
+    def enter(self, x_BxTxD: Array, num_layers: int) -> Array:
+        """The stream(s) entering the first of the stack's ``num_layers`` layers."""
+        if self.carry is not None:
+            return self.carry(x_BxTxD, num_layers)
         if self.streams == 1:
             return x_BxTxD
         return jnp.broadcast_to(x_BxTxD, (self.streams,) + x_BxTxD.shape)
@@ -157,10 +173,11 @@ class Scheme:
 
     def observed(self, x: Array) -> Array:
         """The stream the per-layer statistics describe: the first one of several."""
-        return x if self.streams == 1 else x[0]
+        return x[0] if self.multi_stream else x
 
     def apply(self, x: Array, sublayers: Sequence[Sublayer], c) -> list[Array]:
-        """Runs one layer's sublayers; returns the stream after each sublayer."""
+        """Runs one layer's sublayers; returns the stream after each sublayer (the carry
+        after the last; before it, a carry or just its ``observed`` stream [None])."""
         if self.layer is not None:
             return self.layer(x, sublayers, c)
         states = []
@@ -458,3 +475,56 @@ register(Scheme(
             Param("mix", tuple(map(tuple, np.eye(HYPER_STREAMS))),
                   shape=(HYPER_STREAMS, HYPER_STREAMS)),
             Param("depth", 1.0, shape=(HYPER_STREAMS,)))))
+
+
+def dlcl(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
+    """Pre-norm DLCL (Wang et al. 2019, "Learning Deep Transformer Models for Machine
+    Translation", Sec. 3): each layer's input a learned combination of every earlier layer's
+    normalized output, x_{l+1} = sum_{k=0..l} W_{l+1,k} LN_k(y_k).
+
+    y_0 is the embedding output, with no norm (LN_0 = identity); y_l = the Pre-LN layer on x_l
+    (x + F(LN(x)) per sublayer); LN_l its own norm per layer (``ffn_norm_out``: the FFN is each
+    layer's last sublayer, so its output norm is the layer's); W lower-triangular scalars,
+    initialized to the average, W_{l+1,k} = 1/(l+1) (wangqiangneu/dlcl's default
+    ``init_value='avg'``); the stack's output LN_final(x_{L+1}). Layer l holds row l+1 of W
+    (``ffn_dlcl``, [L + 1], entries k > l unused); x_1 = y_0 (W_{1,0} = 1, fixed here; the
+    reference also learns this one scalar, which only scales the first layer's skip input).
+
+    The carry is ``x`` = [x_l, LN_0(y_0), ..., LN_L(y_L)], [L + 2, B, T, D], the slots after
+    l still zero: O(L) layer outputs per layer, so the scan's backward pass keeps O(L^2)
+    (``benchmarks/stream_memory.py``); cached decoding carries it at the new positions only.
+    """
+    h = x[0]
+    states = []
+    for s in sublayers:
+        h = h + s.f(s.ln(h))
+        states.append(h[None])  # the statistics read only the stream
+    last = sublayers[-1]
+    slot = c["layer"].astype(jnp.int32)  # 1-based l: history slot l, carry slot l + 1
+    history = jax.lax.dynamic_update_index_in_dim(x[1:], last.ln_out(h), slot, axis=0)
+    used = jnp.arange(history.shape[0]) <= slot
+    w = jnp.where(used, last.dlcl, 0.0).astype(history.dtype)
+    # Elementwise, not a matmul: a backend's default matmul precision (bf16 passes on TPU,
+    # TF32 on GPU) would round the stream.
+    x_next = jnp.sum(w[:, None, None, None] * history, axis=0)
+    states[-1] = jnp.concatenate([x_next[None], history])
+    return states
+
+
+def _dlcl_carry(x_BxTxD, num_layers: int) -> Array:
+    """[x_1 = y_0, y_0, 0, ..., 0]: the stream entering layer 1 and the history."""
+    zeros = jnp.zeros((num_layers,) + x_BxTxD.shape, x_BxTxD.dtype)
+    return jnp.concatenate([x_BxTxD[None], x_BxTxD[None], zeros])
+
+
+def dlcl_init(cfg, num_layers: int, layer) -> Array:
+    """Row l+1 of W for layer l: 1/(l+1) on the l+1 outputs y_0 .. y_l, 0 after."""
+    k = jnp.arange(num_layers + 1)
+    return jnp.where(k <= layer, 1.0 / (layer + 1.0), 0.0)
+
+
+register(Scheme("dlcl", "DLCL", "#e7ba52", layer=dlcl, norm_out=frozenset({FFN}),
+                final_norm=True, carry=_dlcl_carry, norm_feeds="branch",
+                merge=lambda x, final_norm: final_norm(x[0]),
+                params=(Param("dlcl", dlcl_init, shape="history", kinds=frozenset({FFN}),
+                              per_layer=True),)))

@@ -174,7 +174,8 @@ class Block(nnx.Module):
             setattr(self, f"{name}_norm_out", norm() if kind in scheme.norm_out else None)
             for p in scheme.params:
                 if kind in p.kinds:
-                    position = (layer_index - 1) * count + i  # the sublayer's place in the stack
+                    # the sublayer's place in the stack, or the layer's index (Param.per_layer)
+                    position = layer_index if p.per_layer else (layer_index - 1) * count + i
                     value, axes = p.value(cfg, num_layers, position)
                     setattr(self, f"{name}_{p.name}", nnx.Param(value, axes=axes))
 
@@ -240,7 +241,8 @@ class Block(nnx.Module):
         the ``extra_stats`` groups asked for (``EXTRA_STATS``).
 
         For a scheme with several streams (``Scheme.streams`` n > 1, e.g. ResiDual) the stream
-        is the stacked [n, B, T, D] (``Scheme.enter`` makes it from [B, T, D])."""
+        is the stacked [n, B, T, D] (``Scheme.enter`` makes it from [B, T, D]); for DLCL the
+        [L + 2, B, T, D] stream and layer history (``Scheme.carry``)."""
         branch_outputs: list[jax.Array] = []
         scheme = residual_lib.get(self.residual)
         w = _token_weights(scheme.observed(x_BxTxD), token_mask_BxT)
@@ -351,7 +353,8 @@ class Stack(nnx.Module):
             # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
-        x, stats = run_layers(body, scheme.enter(x_BxTxD), (layer_state, consts, keys), cfg)
+        x, stats = run_layers(body, scheme.enter(x_BxTxD, self.num_layers),
+                              (layer_state, consts, keys), cfg)
         return scheme.leave(x, self.final_norm), stats
 
 
@@ -380,7 +383,8 @@ class Stack(nnx.Module):
                                                      cross_mask=cross_mask)
 
         scheme = self.config.scheme
-        x, kv = run_layers(body, scheme.enter(x_BxTxD), (layer_state, consts, cache), self.config,
+        x, kv = run_layers(body, scheme.enter(x_BxTxD, self.num_layers),
+                           (layer_state, consts, cache), self.config,
                            unroll=1)
         return scheme.leave(x, self.final_norm), dict(cache, **kv)  # the cross-attention keys and values pass through
 
