@@ -258,7 +258,8 @@ def _check_cache(arch, residual, scan_layers, **extra):
 @pytest.mark.parametrize("arch,residual,scan_layers", [
     ("encoder_decoder", "deepnorm", True), ("decoder", "b2t", False),
     ("encoder_decoder", "rezero", False), ("decoder", "mixln", True),
-    ("encoder_decoder", "resi_dual", True), ("decoder", "hyper", False)])
+    ("encoder_decoder", "resi_dual", True), ("decoder", "hyper", False),
+    ("encoder_decoder", "dlcl", False), ("decoder", "dlcl", True)])
 def test_cached_decoder_equals_full_pass(arch, residual, scan_layers):
     _check_cache(arch, residual, scan_layers)
 

@@ -15,6 +15,8 @@ the scanned Stack computes. Definitions (see deepnorm/residual.py for the papers
   admin     x <- LN(omega * x + F(x)), omega from the profiling pass
   mixln     post in the first round(frac * L) layers, pre after, final LN
   lnscale   x <- x + F(LN(x) / sqrt(l)), final LN
+  dlcl      x_{l+1} = sum_{k<=l} W_{l+1,k} LN_k(y_k), y_0 the embedding output (no LN),
+            y_l = the Pre-LN layer on x_l, W_{l+1,k} = 1/(l+1) at init; final LN
 """
 
 import itertools
@@ -536,7 +538,7 @@ def test_hyper_connections_at_init_are_pre_ln_and_scan_equals_unrolled():
     np.testing.assert_allclose(hyper(tokens)[0], unrolled(tokens)[0], **TOL)
 
 
-@pytest.mark.parametrize("scheme", ["resi_dual", "hyper"])
+@pytest.mark.parametrize("scheme", ["resi_dual", "hyper", "dlcl"])
 def test_multi_stream_stack_traces_one_layer_whatever_the_depth(scheme):
     """The streams are one scan carry: the traced forward has the same equations at 2 and 12
     layers (benchmarks/depth_compile.py --residual measures the compile time)."""
@@ -548,6 +550,90 @@ def test_multi_stream_stack_traces_one_layer_whatever_the_depth(scheme):
         return len(jaxpr.jaxpr.eqns)
 
     assert equations(2) == equations(12)
+
+
+def _dlcl_reference(stack, x0, *, causal, context=None):
+    """DLCL by its equation, in NumPy where it combines: y_0 = x0, x_1 = y_0; layer l runs
+    x + F(LN(x)) per sublayer on x_l to give y_l; x_{l+1} = sum_{k<=l} W[l+1, k] LN_k(y_k)
+    (row l+1 of W is layer l's ffn_dlcl, its entries after l ignored); LN_final(x_{L+1})."""
+    history = [np.asarray(x0)]  # LN_0 = identity
+    x = x0
+    for i in range(stack.num_layers):
+        blk = block_at(stack, i)
+        for name, f, ln, _ in branches(blk, causal=causal, context=context):
+            x = x + f(ln(x))
+        history.append(np.asarray(blk.ffn_norm_out(x)))
+        w = np.asarray(blk.ffn_dlcl[...])[: i + 2]
+        x = jnp.asarray(sum(w_k * y_k for w_k, y_k in zip(w, history)))
+    return stack.final_norm(x)
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_dlcl_is_a_learned_combination_of_every_earlier_normalized_layer_output(arch):
+    model = make_model("dlcl", num_layers=3, arch=arch)
+    stack = model.encoder if arch == "encoder" else model.decoder
+    perturb(stack, seed=31)  # W off its average, its unused upper entries nonzero too
+    x0 = random_stream(32)
+    got, stats = stack(x0, causal=arch == "decoder")
+    want = _dlcl_reference(stack, x0, causal=arch == "decoder")
+    np.testing.assert_allclose(got, want, **TOL)
+    assert stats["stream_out_norm"].shape == (3, 2)  # the statistics read the stream x_l
+
+
+def test_dlcl_decoder_of_encoder_decoder_with_cross_attention():
+    model = make_model("dlcl", num_layers=2, arch="encoder_decoder")
+    perturb(model.decoder, seed=33)
+    x0, context = random_stream(34), random_stream(35, t=7)
+    got, _ = model.decoder(x0, context_BxSxD=context, causal=True)
+    want = _dlcl_reference(model.decoder, x0, causal=True, context=context)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_dlcl_init_is_the_uniform_average_of_the_earlier_outputs():
+    """W_{l+1,k} = 1/(l+1) for k <= l (the reference's init_value='avg'), 0 above the
+    diagonal; one norm per layer output; the embedding has none."""
+    for arch, layers in (("encoder", 4), ("decoder", 3)):
+        model = make_model("dlcl", num_layers=layers, arch=arch)
+        stack = model.encoder if arch == "encoder" else model.decoder
+        w = np.asarray(stack.layers.ffn_dlcl[...])
+        want = np.tril(np.ones((layers + 1, layers + 1)))[1:]
+        want /= want.sum(1, keepdims=True)
+        np.testing.assert_allclose(w, want, rtol=1e-7)
+        assert stack.layers.ffn_norm_out is not None and stack.layers.self_attn_norm_out is None
+        assert stack.input_norm is None and stack.final_norm is not None
+    cfg = TransformerConfig(arch="encoder_decoder", num_encoder_layers=3, num_decoder_layers=2,
+                            d_model=D, num_heads=HEADS, d_ff=FF, vocab_size=VOCAB,
+                            residual="dlcl")
+    enc_dec = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert enc_dec.encoder.layers.ffn_dlcl[...].shape == (3, 4)  # rows 2..4 of a 4 x 4 W
+    assert enc_dec.decoder.layers.ffn_dlcl[...].shape == (2, 3)
+    assert not hasattr(enc_dec.decoder.layers, "cross_attn_dlcl")  # one row per layer
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_dlcl_scanned_equals_unrolled_and_gradients_agree(remat):
+    tokens = jnp.asarray(np.random.default_rng(36).integers(1, VOCAB, (2, 6)), jnp.int32)
+    def build(scan_layers):
+        cfg = TransformerConfig(arch="decoder", num_layers=3, d_model=D, num_heads=HEADS,
+                                d_ff=FF, vocab_size=VOCAB, residual="dlcl",
+                                remat_policy=remat, scan_layers=scan_layers)
+        return Transformer(cfg, rngs=nnx.Rngs(0))
+
+    scanned, unrolled = build(True), build(False)
+    perturb(scanned.decoder, seed=37, scale=0.1)
+    nnx.update(unrolled, nnx.state(scanned, nnx.Param))
+
+    def loss(model):
+        return jnp.mean(model(tokens)[0] ** 2)
+
+    np.testing.assert_allclose(scanned(tokens)[0], unrolled(tokens)[0], **TOL)
+    g_scan, g_loop = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # W's entries above the diagonal read a zero history: no gradient.
+    w_grad = np.asarray(g_scan.decoder.layers.ffn_dlcl[...])
+    assert np.all(w_grad[np.triu_indices(3, k=2, m=4)] == 0)
+    assert np.all(w_grad[np.tril_indices(3, k=1, m=4)] != 0)
 
 
 def test_register_refuses_a_taken_name_and_a_scheme_without_one_equation():
