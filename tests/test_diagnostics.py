@@ -381,7 +381,7 @@ def test_parse_groups():
 
 
 @pytest.mark.parametrize("residual", ["rezero", "admin", "fixup", "hyper", "normformer",
-                                      "layerscale"])
+                                      "layerscale", "dlcl"])
 def test_every_scheme_parameter_is_in_the_residual_group(residual):
     """A scheme's declared parameters (and NormFormer's head scales) are counted as
     ``residual`` in the update ratios, never as ``other``."""

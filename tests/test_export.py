@@ -23,7 +23,7 @@ V = 40
 # centering folds too, and the ones where some norm stays or none folds.
 FULL = {"pre", "subln", "lnscale", "layerscale", "deepscale", "hyper"}
 CENTERED = {"pre", "subln", "lnscale", "deepscale", "hyper"}
-PARTLY = {"sandwich", "peri", "mixln", "normformer", "respost"}
+PARTLY = {"sandwich", "peri", "mixln", "normformer", "respost", "dlcl"}
 NONE = {"post", "deepnorm", "admin", "b2t", "rezero", "fixup", "rescaled", "resi_dual"}
 NORM_FREE = {r for r in RESIDUALS if not residual_lib.get(r).uses_norm}  # rezero, fixup
 
