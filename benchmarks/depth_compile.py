@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--unroll", type=int, default=1,
                         help="model.scan_unroll of the scanned stack (layers per loop trip)")
     parser.add_argument("--residual", default="deepnorm", choices=tuple(SCHEMES),
-                        help="model.residual (multi-stream schemes: resi_dual, hyper)")
+                        help="model.residual (multi-stream schemes: resi_dual, hyper, dlcl)")
     parser.add_argument("--quick", action="store_true",
                         help="12,100 scanned and 12,24 unrolled, one repeat")
     args = parser.parse_args(argv)

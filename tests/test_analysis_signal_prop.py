@@ -134,7 +134,7 @@ def test_signal_prop_command_writes_json_and_png(tmp_path):
     assert (out / "signal-prop.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("scheme", ["resi_dual", "hyper", "fixup", "normformer"])
+@pytest.mark.parametrize("scheme", ["resi_dual", "hyper", "fixup", "normformer", "dlcl"])
 def test_every_declared_scheme_measures_multi_stream_ones_on_their_first_stream(scheme):
     base = tiny(num_layers=3)
     cfg = signal_prop.schemes_lib.scheme_config(base, scheme, 3)
