@@ -493,6 +493,7 @@ def dlcl(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
     The carry is ``x`` = [x_l, LN_0(y_0), ..., LN_L(y_L)], [L + 2, B, T, D], the slots after
     l still zero: O(L) layer outputs per layer, so the scan's backward pass keeps O(L^2)
     (``benchmarks/stream_memory.py``); cached decoding carries it at the new positions only.
+    A ``Block.standalone`` DLCL layer takes that carry, not [B, T, D].
     """
     h = x[0]
     states = []
@@ -500,7 +501,7 @@ def dlcl(x, sublayers: Sequence[Sublayer], c) -> list[Array]:
         h = h + s.f(s.ln(h))
         states.append(h[None])  # the statistics read only the stream
     last = sublayers[-1]
-    slot = c["layer"].astype(jnp.int32)  # 1-based l: history slot l, carry slot l + 1
+    slot = jnp.asarray(c["layer"]).astype(jnp.int32)  # 1-based l: history slot l
     history = jax.lax.dynamic_update_index_in_dim(x[1:], last.ln_out(h), slot, axis=0)
     used = jnp.arange(history.shape[0]) <= slot
     w = jnp.where(used, last.dlcl, 0.0).astype(history.dtype)
