@@ -11,8 +11,9 @@ saved them), the vocabulary from ``W/vocab/`` (a SentencePiece model) or, when t
 the byte tokenizer. The sentences of a batch are split over the data-parallel axes
 (``data``, ``fsdp``) of the run's mesh (``W/config.json``'s ``mesh.*`` on the devices here;
 where those sizes do not fit these devices, all of them on ``data``): each device decodes its
-share (``deepnorm.decoding.sharded``). ``--bleu`` prints sacreBLEU's BLEU and chrF of the translations against
-``--references`` (one line per input line) or, with ``--split``, against the split's targets.
+share (``deepnorm.decoding.sharded``). ``--bleu`` prints sacreBLEU's BLEU and chrF of the
+translations against ``--references`` (one line per input line) or, with ``--split``, against
+the split's targets.
 Exit 2 with one line on stderr for bad input (beam < 1, an empty input, no such workdir, no
 checkpoint).
 """
