@@ -110,8 +110,8 @@ def test_a_run_without_checkpoints_is_one_line_and_exit_2(workdir, tmp_path):
 
 def sharded_worker(workdir: str, sentences: list[str]) -> dict:
     """On this process's devices: translations (greedy, beam 2) on one device, on all of them
-    as the run's mesh gives them (data=-1: every device on data), and on data=2 x fsdp=2
-    (parameters split over fsdp); how the placed batch and the compiled search are sharded;
+    as the run's mesh gives them (data=-1: every device on data), on data=2 x fsdp=2
+    (parameters split over fsdp) and on data=2 x tensor=2 (split over tensor); how the placed batch and the compiled search are sharded;
     and the training loop's BLEU hook on one device and on the data-parallel mesh."""
     import jax
     import numpy as np
@@ -125,7 +125,8 @@ def sharded_worker(workdir: str, sentences: list[str]) -> dict:
     config, model_cfg, graphdef, params, _, run_mesh = cli.load_run(workdir)
     meshes = {"one": mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
               "run": run_mesh,
-              "data2_fsdp2": mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=1))}
+              "data2_fsdp2": mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=1)),
+              "data2_tensor2": mesh_lib.make_mesh(dict(data=2, fsdp=1, tensor=2))}
     out = {"devices": jax.device_count(), "run_mesh": dict(run_mesh.shape), "translations": {}}
     for name, mesh in meshes.items():
         for beam in (1, 2):
@@ -169,6 +170,7 @@ def sharded(workdir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # one 4-device worker: ~40 s on 2 busy cores
 @pytest.mark.parametrize("beam", [1, 2])
 def test_decoding_over_4_devices_gives_the_one_device_translations(workdir, sharded, beam):
     assert sharded["devices"] == 4 and sharded["run_mesh"] == {"data": 4, "fsdp": 1,
@@ -178,6 +180,7 @@ def test_decoding_over_4_devices_gives_the_one_device_translations(workdir, shar
     assert len(one) == len(SHARDED_SOURCES)
     assert got[f"run/beam{beam}"] == one  # 5 sentences over data=4: padded to 8, then cut
     assert got[f"data2_fsdp2/beam{beam}"] == one  # parameters split over fsdp as well
+    assert got[f"data2_tensor2/beam{beam}"] == one  # ... or over tensor
     # ... and the CLI in a one-device process agrees too.
     cli = translate(f"--workdir={workdir}", f"--beam={beam}", "--max_len_b=4",
                     stdin="\n".join(SHARDED_SOURCES) + "\n")
@@ -185,6 +188,7 @@ def test_decoding_over_4_devices_gives_the_one_device_translations(workdir, shar
     assert cli.stdout.split("\n")[:-1] == one
 
 
+@pytest.mark.slow  # one 4-device worker: ~40 s on 2 busy cores
 def test_the_decoded_batch_is_split_over_the_data_axis(sharded):
     placed = sharded["placed"]
     assert placed["real_rows"] == 5 and placed["shape"][0] == 8  # padded to divide 4
@@ -195,6 +199,7 @@ def test_the_decoded_batch_is_split_over_the_data_axis(sharded):
     assert placed["compiled_shard_shape"] == [2, placed["shape"][1]]
 
 
+@pytest.mark.slow  # one 4-device worker: ~40 s on 2 busy cores
 def test_the_training_bleu_hook_decodes_over_the_data_axis_alike(workdir, sharded):
     with open(os.path.join(workdir, "summary.json")) as f:
         final = json.load(f)["final_bleu"]  # scored during training, on this 1 device

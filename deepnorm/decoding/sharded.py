@@ -4,9 +4,11 @@
 e.g. ``incremental.translate_batch``) under ``jax.shard_map`` over the mesh's batch axes: each
 data-parallel device decodes its own slice of the sentences with its own ``lax.while_loop``
 (so it stops when *its* sentences are finished), and the beam reorder's gather stays on that
-device, with no collective inside the loop. Parameters enter replicated over the batch axes
-(XLA gathers fsdp-sharded ones once, before the loop); a ``tensor`` axis of size > 1 is left
-to the automatic partitioner. A batch that does not divide the data-parallel devices is padded
+device, with no collective inside the loop. Every mesh axis is manual: the parameters enter
+whole (XLA all-gathers fsdp- or tensor-sharded ones once, before the loop) and the devices of
+one batch slice along any other axis (``tensor``) decode the same sentences. Leaving ``tensor``
+to the automatic partitioner instead puts collectives inside loops that stop after different
+numbers of steps on different slices, which deadlocks (seen on XLA:CPU, jax 0.10.2). A batch that does not divide the data-parallel devices is padded
 with copies of its last row, which are dropped from the result. The tokens come back
 replicated (an all-gather of a few int32 per sentence), so every process can read them.
 
@@ -46,10 +48,8 @@ class DataParallelDecoder:
         self.batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
         self.num_shards = math.prod(mesh.shape[a] for a in self.batch_axes)
         self.sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes))
-        # Axes of size 1 are manual too: only a real tensor (or other) axis is left automatic.
-        manual = set(self.batch_axes) | {a for a in mesh.axis_names if mesh.shape[a] == 1}
         self._search = search
-        self._manual = frozenset(manual)
+        self._manual = frozenset(mesh.axis_names)  # all manual: see the module docstring
         self._compiled: dict[int, Callable] = {}
 
     def _jitted(self, max_steps: int) -> Callable:
