@@ -8,8 +8,12 @@
 One translation per input line, in order. The model comes from ``W/config.json``, the
 parameters from the newest step in ``W/checkpoints`` (restored with orbax as the training loop
 saved them), the vocabulary from ``W/vocab/`` (a SentencePiece model) or, when the run has none,
-the byte tokenizer. ``--bleu`` prints sacreBLEU's BLEU and chrF of the translations against
-``--references`` (one line per input line) or, with ``--split``, against the split's targets.
+the byte tokenizer. The sentences of a batch are split over the data-parallel axes
+(``data``, ``fsdp``) of the run's mesh (``W/config.json``'s ``mesh.*`` on the devices here;
+where those sizes do not fit these devices, all of them on ``data``): each device decodes its
+share (``deepnorm.decoding.sharded``). ``--bleu`` prints sacreBLEU's BLEU and chrF of the
+translations against ``--references`` (one line per input line) or, with ``--split``, against
+the split's targets.
 Exit 2 with one line on stderr for bad input (beam < 1, an empty input, no such workdir, no
 checkpoint).
 """
@@ -50,19 +54,37 @@ def load_vocabulary(workdir: str):
     return spt.ByteTokenizer()
 
 
-def load_run(workdir: str):
-    """``(config ConfigDict, TransformerConfig, graphdef, params, step)`` of the newest
-    checkpoint in ``workdir``."""
+def decode_mesh(config):
+    """The run's mesh (``config.mesh``) on this machine's devices, or, where its sizes do not
+    fit them (trained on 8 devices, decoding on 1), every device on the ``data`` axis."""
+    import ml_collections
+
+    from deepnorm.config import ConfigError
+    from deepnorm.training import mesh as mesh_lib
+    try:
+        return mesh_lib.make_mesh(config.mesh)
+    except ConfigError as err:
+        logging.warning("%s; decoding with every device on the data axis", err)
+        fallback = ml_collections.ConfigDict(dict(config.mesh.to_dict(), data=-1, fsdp=1,
+                                                  tensor=1))
+        return mesh_lib.make_mesh(fallback)
+
+
+def load_run(workdir: str, mesh=None):
+    """``(config ConfigDict, TransformerConfig, graphdef, params, step, mesh)`` of the newest
+    checkpoint in ``workdir``, the parameters placed on ``mesh`` (default ``decode_mesh``) as
+    the run's ``mesh.rules`` shard them."""
     if not os.path.isdir(workdir):
         raise BadInput(f"--workdir={workdir} does not exist")
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise BadInput(f"--workdir={workdir} has no config.json (not a training run)")
-    import jax
     import ml_collections
     import orbax.checkpoint as ocp
 
     from deepnorm.config import ConfigError, TransformerConfig
+    from deepnorm.training import mesh as mesh_lib
+    from deepnorm.training.checkpoint import abstract_like
     from deepnorm.training.optim import make_optimizer
     from deepnorm.training.state import abstract_params, abstract_train_state
 
@@ -81,9 +103,14 @@ def load_run(workdir: str):
     if not steps:
         raise BadInput(f"no checkpoint in {directory}")
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract_train_state(model_cfg, tx, config.train.seed))
+    try:
+        mesh = decode_mesh(config) if mesh is None else mesh
+        rules = mesh_lib.sharding_rules(config.mesh)
+    except ConfigError as err:
+        raise BadInput(f"{config_path}: {err}") from err
+    graphdef, param_state = abstract_params(model_cfg, config.train.seed)
+    abstract = abstract_like(abstract_train_state(model_cfg, tx, config.train.seed),
+                             mesh_lib.state_shardings(mesh, tx, param_state, rules))
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
     try:
         restored = manager.restore(steps[-1], args=ocp.args.Composite(
@@ -93,18 +120,20 @@ def load_run(workdir: str):
                        f"{str(err).splitlines()[0][:200]}") from err
     finally:
         manager.close()
-    graphdef, _ = abstract_params(model_cfg, config.train.seed)
-    return config, model_cfg, graphdef, restored.state.params, steps[-1]
+    return config, model_cfg, graphdef, restored.state.params, steps[-1], mesh
 
 
 class Translator:
-    """Batches of strings in, strings out; one compiled search per (batch, length) bucket."""
+    """Batches of strings in, strings out; one compiled search per (batch, length) bucket,
+    each batch split over the data-parallel axes of ``mesh`` (default: one device)."""
 
     def __init__(self, graphdef, vocab, *, src_len: int, beam: int, lenpen: float,
-                 max_len_a: float, max_len_b: int):
+                 max_len_a: float, max_len_b: int, mesh=None):
         import jax
 
         from deepnorm.decoding import incremental
+        from deepnorm.decoding.sharded import DataParallelDecoder
+        from deepnorm.training.mesh import BATCH_AXES, MESH_AXES
         self.vocab, self.src_len = vocab, src_len
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
 
@@ -114,9 +143,13 @@ class Translator:
                 max_len_b=max_len_b, max_steps=max_steps, bos_id=vocab.bos_id,
                 eos_id=vocab.eos_id, pad_id=vocab.pad_id, banned_ids=vocab.banned_ids)
 
-        self._run = jax.jit(run, static_argnums=2)
+        if mesh is None:
+            mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=jax.devices()[:1],
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        self.decoder = DataParallelDecoder(run, mesh, BATCH_AXES)
 
-    def __call__(self, params, sentences: list[str]) -> list[str]:
+    def encode(self, sentences: list[str]):
+        """``(source tokens [B, width] right-padded, max_steps)``: widths in buckets of 16."""
         import numpy as np
 
         from deepnorm.training.bleu import pad_batch
@@ -124,14 +157,31 @@ class Translator:
         longest = max(len(r) for r in rows) or 1
         width = 16 * math.ceil(longest / 16)  # length buckets: few recompilations
         max_steps = 16 * math.ceil((self.max_len_a * width + self.max_len_b) / 16)
-        tokens = np.asarray(self._run(params, pad_batch(rows, width, self.vocab.pad_id),
-                                      max_steps))
+        return pad_batch(rows, width, self.vocab.pad_id), max_steps
+
+    def __call__(self, params, sentences: list[str]) -> list[str]:
+        inputs, max_steps = self.encode(sentences)
         out = []
-        for row in tokens:
+        for row in self.decoder(params, inputs, max_steps):
             row = list(row)
             row = row[: row.index(self.vocab.eos_id)] if self.vocab.eos_id in row else row
             out.append(self.vocab.decode(row))
         return out
+
+
+def translate_lines(workdir: str, sentences: list[str], *, beam: int = 5, lenpen: float = 1.0,
+                    max_len_a: float = 1.2, max_len_b: int = 10, batch_size: int = 16,
+                    mesh=None) -> list[str]:
+    """The CLI's translations of ``sentences`` with ``workdir``'s newest checkpoint and own
+    vocabulary, decoded over ``mesh`` (default ``decode_mesh`` of the run)."""
+    config, _, graphdef, params, _, mesh = load_run(workdir, mesh)
+    translator = Translator(graphdef, load_vocabulary(workdir),
+                            src_len=int(config.train.seq_len), beam=beam, lenpen=lenpen,
+                            max_len_a=max_len_a, max_len_b=max_len_b, mesh=mesh)
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        out.extend(translator(params, sentences[start:start + batch_size]))
+    return out
 
 
 def _read_lines(path: str | None) -> list[str]:
@@ -187,7 +237,7 @@ def translate_main() -> None:
             if len(references) != len(sources):
                 raise BadInput(f"--references has {len(references)} lines for "
                                f"{len(sources)} input lines")
-    config, _, graphdef, params, _ = load_run(_WORKDIR.value)
+    config, _, graphdef, params, _, mesh = load_run(_WORKDIR.value)
     if _SPLIT.value:
         sources, references = split_pairs(config, _SPLIT.value, _LIMIT.value)
         if not sources:
@@ -195,7 +245,7 @@ def translate_main() -> None:
     translator = Translator(graphdef, load_vocabulary(_WORKDIR.value),
                             src_len=int(config.train.seq_len), beam=_BEAM.value,
                             lenpen=_LENPEN.value, max_len_a=_MAX_LEN_A.value,
-                            max_len_b=_MAX_LEN_B.value)
+                            max_len_b=_MAX_LEN_B.value, mesh=mesh)
     hypotheses = []
     for start in range(0, len(sources), _BATCH.value):
         for line in translator(params, sources[start:start + _BATCH.value]):

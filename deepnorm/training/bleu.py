@@ -45,14 +45,18 @@ def pad_batch(rows: Sequence[np.ndarray], length: int, pad_id: int = 0) -> np.nd
     return out
 
 
-def loop_bleu_eval(config, graphdef, data, *, beam_size: int = 1):
+def loop_bleu_eval(config, graphdef, data, mesh=None, *, beam_size: int = 1):
     """``params -> {"bleu", "chrf"}`` on the first ``train.bleu_examples`` validation pairs
     (the same ones every time), decoded with greedy search (``beam_size=1``: cheap enough to
     run during training; ``python -m deepnorm.translate`` uses a beam) and the run's own
-    tokenizer (``data.tokenizer``: bytes or SentencePiece), detokenized for sacreBLEU."""
+    tokenizer (``data.tokenizer``: bytes or SentencePiece), detokenized for sacreBLEU. Each
+    batch of ``train.batch_size`` sentences is split over the data-parallel axes of the
+    training ``mesh`` (``deepnorm.decoding.sharded``; default: the first device)."""
     import jax
 
     from deepnorm.decoding.incremental import translate_batch
+    from deepnorm.decoding.sharded import DataParallelDecoder
+    from deepnorm.training.mesh import BATCH_AXES, MESH_AXES
 
     tok = data.tokenizer
     wanted = int(config.train.bleu_examples)
@@ -65,14 +69,16 @@ def loop_bleu_eval(config, graphdef, data, *, beam_size: int = 1):
         inputs.extend(np.asarray(batch["inputs"]))
         references.extend(tok.decode(t) for t in np.asarray(batch["targets"]))
     inputs, references = np.stack(inputs[:wanted]), references[:wanted]
-    run = jax.jit(lambda params, x: translate_batch(
-        graphdef, params, x, beam_size=beam_size, max_steps=int(config.train.seq_len),
-        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, banned_ids=tok.banned_ids))
-    batch_size = int(config.train.batch_size)
+    if mesh is None:
+        mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=jax.devices()[:1],
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    decoder = DataParallelDecoder(lambda params, x, max_steps: translate_batch(
+        graphdef, params, x, beam_size=beam_size, max_steps=max_steps, bos_id=tok.bos_id,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, banned_ids=tok.banned_ids), mesh, BATCH_AXES)
+    batch_size, max_steps = int(config.train.batch_size), int(config.train.seq_len)
 
     def translate(params, rows):
-        tokens = np.asarray(jax.device_get(run(params, pad_batch(rows, inputs.shape[1],
-                                                                  tok.pad_id))))
+        tokens = decoder(params, pad_batch(rows, inputs.shape[1], tok.pad_id), max_steps)
         return [tok.decode(t) for t in tokens]
 
     def evaluate(params) -> dict:

@@ -487,7 +487,8 @@ class _Reporter:
                                     progress=train.progress_bar)
         self.tokens_per_step = train.batch_size * train.seq_len
         self.loss = self.eval = self.diverged = self.bleu = None
-        self._bleu_eval = (bleu_lib.loop_bleu_eval(run.config, run.graphdef, run.data)
+        self._bleu_eval = (bleu_lib.loop_bleu_eval(run.config, run.graphdef, run.data,
+                                                     run.mesh)
                            if train.bleu_every > 0 else None)
         self._timer_start, self._timed_steps = None, 0
 
