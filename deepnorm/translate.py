@@ -13,7 +13,7 @@ the byte tokenizer. The sentences of a batch are split over the data-parallel ax
 where those sizes do not fit these devices, all of them on ``data``): each device decodes its
 share (``deepnorm.decoding.sharded``). ``--bleu`` prints sacreBLEU's BLEU and chrF of the
 translations against ``--references`` (one line per input line) or, with ``--split``, against
-the split's targets.
+the targets of that split of the run's own pair corpus (gettext, parallel files, TFDS).
 Exit 2 with one line on stderr for bad input (beam < 1, an empty input, no such workdir, no
 checkpoint).
 """
@@ -200,15 +200,15 @@ def _read_lines(path: str | None) -> list[str]:
 
 
 def split_pairs(config, split: str, limit: int) -> tuple[list[str], list[str]]:
-    """(sources, references) of a TFDS source,target split of the run's data config."""
-    from deepnorm.data import corpus
-    keys = corpus.text_keys(config.data)
-    if config.data.corpus != "tfds" or len(keys) != 2:
-        raise BadInput("--split needs a run trained on a TFDS source,target pair "
-                       f"(data.tfds_text_key like 'de,en'), not data.corpus="
-                       f"{config.data.corpus!r}; use --input and --references")
+    """(sources, references) of ``split`` of the run's own pair corpus (gettext, parallel
+    files or a TFDS source,target pair), read as training reads it."""
+    from deepnorm.data import corpus, load_pairs
+    if config.data.corpus == "tfds" and len(corpus.text_keys(config.data)) != 2:
+        raise BadInput("--split needs a run trained on translation pairs: a TFDS source,target "
+                       "pair (data.tfds_text_key like 'de,en'), data.corpus='gettext' or "
+                       "'parallel_files'; use --input and --references")
     try:
-        source = corpus.load_source(config.data, split)
+        source = load_pairs(config.data, split)
     except (ValueError, FileNotFoundError) as err:
         raise BadInput(f"--split={split}: {str(err).splitlines()[0]}") from err
     n = len(source) if not limit else min(limit, len(source))

@@ -91,6 +91,7 @@ def test_translates_each_line_and_scores_against_its_own_output(workdir, tmp_pat
     (lambda w, t: [f"--workdir={w}", f"--input={t / 'empty.txt'}"], "is empty"),
     (lambda w, t: [f"--workdir={t / 'nope'}"], "does not exist"),
     (lambda w, t: [f"--workdir={t}"], "has no config.json"),
+    (lambda w, t: [f"--workdir={w}", "--split=test", "--bleu"], "gives no translation pairs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(workdir, tmp_path, make_args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -235,6 +236,22 @@ def tiny_translation_config(tmp_path):
                        spm_cache_dir=str(tmp_path / "spm_cache"))
     base.tie_vocab_size(config)
     return config
+
+
+def test_split_reads_the_runs_own_pair_corpus(tmp_path):
+    """--split scores a split of the corpus the run trained on (here parallel files; gettext
+    goes through the same load_pairs), the pairs training reads for that split."""
+    from deepnorm import translate
+    from deepnorm.data import load_pairs
+    config = tiny_translation_config(tmp_path)
+    sources, references = translate.split_pairs(config, "test", 0)
+    pairs = load_pairs(config.data, "test")
+    assert len(sources) == len(references) == len(pairs) > 0
+    assert [(s, r) for s, r in zip(sources, references)] == [
+        (p["source"].decode(), p["target"].decode()) for p in pairs]
+    assert translate.split_pairs(config, "test", 3)[0] == sources[:3]
+    with pytest.raises(translate.BadInput, match="--split=nope"):
+        translate.split_pairs(config, "nope", 0)
 
 
 @pytest.fixture(scope="module")
