@@ -128,23 +128,26 @@ def activation_metrics(aux, arch: str) -> dict:
 
 # --- from the parameters, the update and the optimizer state -----------------------------------
 
-def _grouped(tree, per_leaf, per_layer):
-    """{group: (list of whole-leaf values, {stack: list of [L] values})} over ``tree``."""
+def _grouped(tree, per_row, combine):
+    """{group: (list of whole-leaf values, {stack: list of [L] values})} over ``tree``:
+    ``per_row`` reduces [rows, n] to [rows] (a stacked leaf's rows are its layers, any other
+    leaf is one row) and ``combine`` reduces those to the leaf's value, so every leaf is read
+    once (a whole-leaf reduction beside the per-layer one would read it twice)."""
     out: dict = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         leaf = jnp.asarray(leaf, jnp.float32)
         whole, layers = out.setdefault(param_group(path), ([], {}))
-        whole.append(per_leaf(leaf))
         stack = stack_of(path)
+        rows = per_row(leaf.reshape(leaf.shape[0] if stack is not None else 1, -1))
+        whole.append(combine(rows))
         if stack is not None:
-            layers.setdefault(stack, []).append(per_layer(leaf.reshape(leaf.shape[0], -1)))
+            layers.setdefault(stack, []).append(rows)
     return out
 
 
 def _sq_norms(tree):
     """{group: (sum of squares, [N + M] per-layer sums of squares or None)}."""
-    grouped = _grouped(tree, lambda x: jnp.sum(jnp.square(x)),
-                       lambda x: jnp.sum(jnp.square(x), axis=1))
+    grouped = _grouped(tree, lambda x: jnp.sum(jnp.square(x), axis=1), jnp.sum)
     return {g: (sum(whole), jnp.concatenate([sum(layers[s]) for s in STACKS if s in layers])
                 if layers else None)
             for g, (whole, layers) in grouped.items()}
@@ -189,11 +192,13 @@ def adam_metrics(opt_state) -> dict:
         group, leaf = param_group(path), jnp.asarray(leaf, jnp.float32)
         totals[group] = totals.get(group, 0.0) + jnp.sum(leaf)
         counts[group] = counts.get(group, 0) + leaf.size
-        maxima.setdefault(group, []).append(jnp.max(leaf))
         stack = stack_of(path)
-        if stack is not None:
-            layer_maxima.setdefault(stack, []).append(
-                jnp.max(leaf.reshape(leaf.shape[0], -1), axis=1))
+        if stack is None:
+            maxima.setdefault(group, []).append(jnp.max(leaf))
+            continue
+        rows = jnp.max(leaf.reshape(leaf.shape[0], -1), axis=1)  # one read: the whole max is
+        maxima.setdefault(group, []).append(jnp.max(rows))       # the max of the layers' maxima
+        layer_maxima.setdefault(stack, []).append(rows)
     out = {}
     for group in PARAM_GROUPS:
         if group in totals:
