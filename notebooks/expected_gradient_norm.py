@@ -43,6 +43,7 @@ from IPython.display import display
 
 from deepnorm import TransformerConfig
 from deepnorm.analysis import grad_norms, plotting, stacked_batches
+from deepnorm.analysis import schemes as schemes_lib
 
 QUICK = os.environ.get("DEEPNORM_QUICK") == "1"
 FIGURES = "figures"
@@ -144,14 +145,15 @@ for scheme in ["post", "pre"]:
 # seed before measuring, as Admin prescribes.
 
 # %%
-OTHERS = (["rezero"] if QUICK else
-          ["sandwich", "peri", "subln", "b2t", "admin", "mixln", "lnscale", "rezero",
-           "tfixup", "dsinit"])
+# Every declared scheme and analysis preset (deepnorm.analysis.schemes), so a new scheme joins
+# the figure by being declared. SkipInit is ReZero's equation and init, so it is left out.
+OTHERS = (["rezero", "hyper"] if QUICK else
+          [s for s in schemes_lib.SCHEMES if s not in ("post", "pre", "deepnorm", "skipinit")])
 start = time.perf_counter()
 other_records = grad_norms.run(narrow, schemes=["post", "pre"] + OTHERS, depths=[LAYERS],
                                seeds=SEEDS, batches=BATCHES, log=lambda _: None)
 print(f"{time.perf_counter() - start:.0f}s")
-fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
 for ax, (lo, hi, title) in zip(axes, [(1, LAYERS, "encoder"),
                                       (LAYERS + 1, 2 * LAYERS, "decoder")]):
     for scheme in ["post", "pre"] + OTHERS:
@@ -162,7 +164,7 @@ for ax, (lo, hi, title) in zip(axes, [(1, LAYERS, "encoder"),
     ax.set_xlabel("layer")
     ax.set_title(f"FFN output W2, {title}")
 axes[0].set_ylabel("||E[grad]||_F")
-axes[1].legend(fontsize=7, ncol=2)
+axes[1].legend(fontsize=6, ncol=3)
 fig.tight_layout()
 save(fig, "grad_norms_all_schemes.png")
 
@@ -175,8 +177,8 @@ for scheme in ["post", "pre"] + OTHERS:
 # %% [markdown]
 # **What we see** (numbers above, decoder top/bottom ratio of the W2 gradient).
 #
-# * **Only Post-LN grows toward the top** (about 4x here). Every other scheme either stays
-#   roughly flat (B2T 1.2, T-Fixup 0.9) or falls toward the top like Pre-LN (0.4-0.7).
+# * **Only Post-LN grows toward the top** (about 4x here), and ResiDual through its Post-LN
+#   stream (below). Every other scheme either stays roughly flat (B2T 1.2, T-Fixup 0.9) or falls toward the top like Pre-LN (0.4-0.7).
 # * **B2T** is Post-LN with an extra skip connection from the layer's input to its last LN; that
 #   skip carries the gradient past the LNs and removes most of Post-LN's growth.
 # * **DS-Init** keeps Post-LN's placement but draws layer $l$'s weights $1/\sqrt l$ smaller:
@@ -194,6 +196,20 @@ for scheme in ["post", "pre"] + OTHERS:
 # * **ReZero**'s branches are multiplied by a gate that is 0 at initialization, so the gradient
 #   of every $W$ inside a branch is exactly zero at step 0 (the gate itself gets the gradient);
 #   the log-scale figure cannot show it.
+#
+# * **R-Fixup** (no norm, zero-initialized last projections, scaled init) and **LayerScale**
+#   (Pre-LN with a per-channel branch scale of 0.1 at init) are flat (0.94, 0.93); LayerScale's
+#   gradients are about 10x smaller, by its branch scale.
+# * **NormFormer** and **Res-Post-LN** (LN on the branch output) fall like Sandwich-LN (0.57,
+#   0.56): with an LN on every branch output, the placements agree at initialization.
+# * **DeepScaleLM**'s norm-preserving skip ($\lambda^2 + \beta^2 = 1$) and the **rescaled skip
+#   with LN** rise slightly, like B2T (1.19, 1.18).
+# * **ResiDual** grows toward the top (3.21): its Post-LN stream carries Post-LN's profile,
+#   damped by the Pre-LN stream it adds at the output.
+# * **Hyper-connections** at their initialization are Pre-LN exactly (0.61, the same numbers):
+#   the mixing starts as the identity.
+# * **DLCL** falls the most after LN-Scaling (0.42): the top layers' inputs are averages over
+#   every earlier output with weights $1/(l+1)$, so each top branch gets a small share.
 #
 # On a 6-6 model at d=64 differences of less than about 1.5x are within the seed-to-seed
 # spread (the bands in the first figure); the notebook does not claim more than that.
