@@ -487,11 +487,8 @@ def test_resi_dual_carries_a_post_ln_and_a_dual_stream():
                                jnp.mean(jnp.linalg.norm(xa, axis=-1)), rtol=1e-5)
 
 
-def test_resi_dual_scanned_equals_unrolled_and_gradients_agree():
-    tokens = jnp.asarray(np.random.default_rng(25).integers(1, VOCAB, (2, 6)), jnp.int32)
-    scanned = make_model("resi_dual", num_layers=3, arch="decoder")
-    unrolled = make_model("resi_dual", num_layers=3, arch="decoder", scan_layers=False)
-
+def assert_scanned_equals_unrolled(scanned, unrolled, tokens):
+    """Same outputs and same gradients of a squared-output loss; returns the scanned grads."""
     def loss(model):
         return jnp.mean(model(tokens)[0] ** 2)
 
@@ -499,6 +496,15 @@ def test_resi_dual_scanned_equals_unrolled_and_gradients_agree():
     g_scan, g_loop = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
     for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    return g_scan
+
+
+def test_resi_dual_scanned_equals_unrolled_and_gradients_agree():
+    tokens = jnp.asarray(np.random.default_rng(25).integers(1, VOCAB, (2, 6)), jnp.int32)
+    scanned = make_model("resi_dual", num_layers=3, arch="decoder")
+    unrolled = make_model("resi_dual", num_layers=3, arch="decoder", scan_layers=False)
+
+    g_scan = assert_scanned_equals_unrolled(scanned, unrolled, tokens)
 
 
 def test_hyper_connections_mix_n_streams_by_their_definition():
@@ -623,13 +629,7 @@ def test_dlcl_scanned_equals_unrolled_and_gradients_agree(remat):
     perturb(scanned.decoder, seed=37, scale=0.1)
     nnx.update(unrolled, nnx.state(scanned, nnx.Param))
 
-    def loss(model):
-        return jnp.mean(model(tokens)[0] ** 2)
-
-    np.testing.assert_allclose(scanned(tokens)[0], unrolled(tokens)[0], **TOL)
-    g_scan, g_loop = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
-    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    g_scan = assert_scanned_equals_unrolled(scanned, unrolled, tokens)
     # W's entries above the diagonal read a zero history: no gradient.
     w_grad = np.asarray(g_scan.decoder.layers.ffn_dlcl[...])
     assert np.all(w_grad[np.triu_indices(3, k=2, m=4)] == 0)
