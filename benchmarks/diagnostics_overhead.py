@@ -4,6 +4,7 @@ and with every group.
     python benchmarks/diagnostics_overhead.py            # goal: every group <= 10% of a step
     python benchmarks/diagnostics_overhead.py --quick
     python benchmarks/diagnostics_overhead.py --quick --per-group --rounds 5 --steps 2
+    python benchmarks/diagnostics_overhead.py --cadence    # also the loop's default cadence
 
 The step is the training loop's own (``deepnorm.training.steps.make_train_step``), jitted with
 the state donated, three ways: ``off`` (no diagnostics), ``norms`` (the per-layer gradient,
@@ -15,6 +16,11 @@ output-logit statistics, update / parameter ratios and Adam's nu per parameter g
 variant also returns the metrics the loop always logs (loss, global norms). Metrics stay on the
 device (as in the loop, which fetches them a step late); each round blocks on the last step's
 loss. Decoder-only DeepNorm, Adam; the variants run in alternating rounds, median of several.
+
+``--cadence`` adds what ``train.py`` runs by default (``train.diagnostics=every_step``,
+``train.every_step_groups=norms``, ``train.log_every=10``): the ``norms`` step on 9 steps of
+10 and the ``all`` step on the logged one, sharing one state, against ``off`` over the same
+10 steps.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ if __name__ == "__main__":
     hugepages.reexec_with_hugepages(by_default=True)
 
 import bench_common as bc  # noqa: E402
+import jax  # noqa: E402
 from deepnorm import TransformerConfig  # noqa: E402
 from deepnorm.training.diagnostics import GROUPS  # noqa: E402
 
@@ -46,6 +53,9 @@ def main(argv=None) -> float:
     p.add_argument("--remat", default="save_dots")
     p.add_argument("--per-group", action="store_true",
                    help="also each group alone (its overhead over off, in CPU time)")
+    p.add_argument("--cadence", action="store_true",
+                   help="also the loop's default: all groups on 1 step in LOG_EVERY, norms on "
+                        "the others")
     args = p.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds = args.rounds or (3 if args.quick else 7)
@@ -68,6 +78,8 @@ def main(argv=None) -> float:
         t = bc.alternate({k: (lambda r=r: r.run(steps)) for k, r in runners.items()}, rounds)
         over = {name: t[name].wall / t["off"].wall - 1 for name in ("norms", "all")}
         worst = max(worst, over["all"])
+        if args.cadence:
+            cadence = cadence_overhead(runners, rounds)
         ms = {name: t[name].wall / steps * 1e3 for name in variants}
         print(f"{label:<14}{ms['off']:>9.1f}{ms['norms']:>10.1f}{ms['all']:>9.1f}"
               f"{over['norms']:>7.1%}{over['all']:>8.1%}"
@@ -76,10 +88,33 @@ def main(argv=None) -> float:
             print("  each group alone, cpu time over off: " + ", ".join(
                 f"{g} {t[g].cpu / t['off'].cpu - 1:+.1%}" for g in variants
                 if g not in ("off", "all")), flush=True)
+        if args.cadence:
+            print(f"  loop default (all on 1 step in {LOG_EVERY}, norms on the others): "
+                  f"{cadence:+.1%} over off", flush=True)
         del runners
     print(f"RATIO all-diagnostics step / plain step - 1: max {worst:.1%} "
           f"(goal <= 10%: {'met' if worst <= 0.10 else 'NOT met'})")
     return worst
+
+
+LOG_EVERY = 10  # train.log_every's default
+
+
+def cadence_overhead(runners: dict, rounds: int) -> float:
+    """The loop's default cadence against ``off`` over ``LOG_EVERY`` steps: the ``all`` and
+    ``norms`` programs take turns on one state as ``train_and_evaluate``'s two steps do."""
+    mixed, off = runners["norms"], runners["off"]
+    logged = runners["all"].step
+
+    def run_mixed():
+        metrics = None
+        for i in range(LOG_EVERY):
+            step = logged if i == 0 else mixed.step
+            mixed.state, metrics = step(mixed.state, mixed.batch)
+        jax.block_until_ready(metrics["loss"])
+
+    t = bc.alternate({"off": lambda: off.run(LOG_EVERY), "mixed": run_mixed}, rounds)
+    return t["mixed"].wall / t["off"].wall - 1
 
 
 if __name__ == "__main__":

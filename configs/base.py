@@ -115,13 +115,15 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     config.bleu_examples = 64  # validation pairs translated for that BLEU
     config.keep_checkpoints = 3  # keep the last k checkpoints
     config.async_checkpoints = True  # write checkpoints in a background thread
-    # every_step: per-layer grad / update / activation norms on every step (feeds the
-    # divergence monitor); log_steps: only on logged steps; off: none.
+    # every_step: the logged steps compute diagnostic_groups, the others every_step_groups
+    # (those of them in diagnostic_groups; the per-layer norms feed the divergence monitor and
+    # the forensics history); log_steps: only the logged steps compute any; off: none.
     config.diagnostics = "every_step"
-    # Which diagnostics the steps above compute: all | none | a comma list of norms (the
-    # per-layer norms), attention, activations, logits, updates, adam (docs/training.md,
-    # "Diagnostics"); a group left out is not computed at all.
+    # Which diagnostics: all | none | a comma list of norms (the per-layer norms), attention,
+    # activations, logits, updates, adam (docs/training.md, "Diagnostics"); a group left out
+    # is not computed at all.
     config.diagnostic_groups = "all"
+    config.every_step_groups = "norms"
     # Gradient noise scale of the norm layers (Gray et al. 2024) on logged steps: gns_b_simple
     # and its |G|^2, tr(Sigma) estimates, for the model and per layer (docs/training.md).
     # Needs batch_size >= 2 and a model with norm parameters.
@@ -223,6 +225,8 @@ def shrink(config: ml_collections.ConfigDict) -> None:
     model.d_model, model.num_heads, model.d_ff = 32, 2, 64
     for name in ("num_layers", "num_encoder_layers", "num_decoder_layers"):
         model[name] = min(model[name], 2)
+    # every_step_groups=all: one compiled step for every step (a second program for the
+    # steps between logs saves nothing in a 10-step run, and costs a compile)
     config.train.update(num_steps=10, batch_size=8, seq_len=32, log_every=2, eval_every=5,
-                        eval_steps=2, checkpoint_every=5)
+                        eval_steps=2, checkpoint_every=5, every_step_groups="all")
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, 2)

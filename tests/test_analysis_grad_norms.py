@@ -140,6 +140,7 @@ def claim_records():
                           batches=batches, log=lambda _: None)
 
 
+@pytest.mark.slow  # 16 models trained; the mechanism's maths is tested above
 def test_post_ln_gradient_grows_toward_the_top_while_pre_ln_stays_flat(claim_records):
     depth = CLAIM_DEPTHS[1]
     post = grad_norms.by_layer(claim_records, "post", depth)[:, depth:].mean(0)  # decoder
@@ -150,6 +151,7 @@ def test_post_ln_gradient_grows_toward_the_top_while_pre_ln_stays_flat(claim_rec
     assert pre.max() / pre.min() < 2.5, pre  # and within a small factor everywhere
 
 
+@pytest.mark.slow
 def test_pre_ln_last_layer_gradient_falls_with_depth_post_ln_does_not(claim_records):
     finals = grad_norms.final_layer(claim_records)
     shallow, deep = CLAIM_DEPTHS

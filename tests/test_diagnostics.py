@@ -395,3 +395,49 @@ def test_every_scheme_parameter_is_in_the_residual_group(residual):
     residual_leaves = [k for k, g in groups.items() if g == "residual"]
     assert residual_leaves, groups
     assert "other" not in groups.values(), groups
+
+
+# --- which steps of the loop compute which groups --------------------------------------------
+
+def test_step_groups_per_cadence():
+    from deepnorm.training.loop import step_groups
+    every = frozenset(diagnostics.GROUPS)
+
+    def train(**kw):
+        return ml_collections.ConfigDict(dict(dict(diagnostics="every_step",
+                                                   diagnostic_groups="all",
+                                                   every_step_groups="norms"), **kw))
+
+    assert step_groups(train()) == (every, {"norms"})
+    assert step_groups(train(every_step_groups="all")) == (every, every)
+    # the steps between logs compute only groups the logged ones compute too
+    assert step_groups(train(diagnostic_groups="adam")) == ({"adam"}, frozenset())
+    assert step_groups(train(diagnostics="log_steps")) == (every, frozenset())
+    assert step_groups(train(diagnostics="off")) == (frozenset(), frozenset())
+    with pytest.raises(ConfigError, match=r"train.every_step_groups='norm': norm not known"):
+        step_groups(train(every_step_groups="norm"))
+
+
+def test_the_loop_computes_every_group_on_logged_steps_and_norms_between(tmp_path,
+                                                                          monkeypatch):
+    from configs import decoder_lm
+    from deepnorm.training import loop
+    from deepnorm.training.metrics import read_metrics
+
+    compiled, real = [], loop.make_train_step
+
+    def spy(graphdef, tx, *, diagnostics, gns, **kwargs):
+        compiled.append(frozenset(diagnostics))
+        return real(graphdef, tx, diagnostics=diagnostics, gns=gns, **kwargs)
+
+    monkeypatch.setattr(loop, "make_train_step", spy)
+    config = decoder_lm.get_config("quick")
+    config.train.update(num_steps=4, log_every=3, eval_every=4, checkpoint_every=4,
+                        progress_bar=False, every_step_groups="norms")  # the default's
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert compiled == [frozenset(diagnostics.GROUPS), {"norms"}]
+    rows = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 3, 4]  # step 2 ran the norms-only step
+    for row in rows:
+        assert "self_attn_entropy_per_layer" in row and "adam_nu_max_per_layer" in row
+        assert "grad_norm_per_layer" in row

@@ -149,6 +149,7 @@ def test_sigkill_then_the_same_command_resumes_bit_identically(reference, tmp_pa
     assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
 
 
+@pytest.mark.slow  # SIGKILL's resume above runs by default; the handler: test_preemption.py
 def test_sigterm_checkpoints_exits_0_and_resumes_bit_identically(reference, tmp_path):
     workdir = str(tmp_path)
     process = start_train_py(workdir)

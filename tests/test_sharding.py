@@ -15,15 +15,18 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYOUTS = {  # (data, fsdp, tensor[, model.dtype])
+LAYOUTS = {  # (data, fsdp, tensor[, model.dtype]); the default suite's: every axis at once
     "data_parallel": (8, 1, 1),
+    "mixed_2x2x2": (2, 2, 2),
+}
+SLOW_LAYOUTS = {  # each axis alone, and bfloat16 (-m slow: 8-device compiles are minutes)
     "fsdp": (1, 8, 1),
     "tensor_parallel": (1, 1, 8),
-    "mixed_2x2x2": (2, 2, 2),
     # bfloat16 matmuls (layers.bf16_matmul) partitioned: every dot must still run on XLA:CPU.
     "mixed_2x2x2_bf16": (2, 2, 2, "bfloat16"),
 }
-SINGLE = {"single": (1, 1, 1), "single_bf16": (1, 1, 1, "bfloat16")}
+SINGLE = {"single": (1, 1, 1)}
+SLOW_SINGLE = {"single_bf16": (1, 1, 1, "bfloat16")}
 STEPS = 3
 
 
@@ -86,17 +89,38 @@ def collect(proc: subprocess.Popen) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharding")
-    single = run_worker(1, SINGLE, root / "one")
-    multi = run_worker(8, LAYOUTS, root / "eight")
+def run_layouts(root, singles: dict, layouts: dict) -> tuple[dict, dict]:
+    single = run_worker(1, singles, root / "one")
+    multi = run_worker(8, layouts, root / "eight")
     return collect(single), collect(multi)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_trains_like_one_device(results, layout):
-    singles, multi = results
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_layouts(tmp_path_factory.mktemp("sharding"), SINGLE, LAYOUTS)
+
+
+@pytest.fixture(scope="module")
+def slow_results(tmp_path_factory, results):
+    singles, multi = run_layouts(tmp_path_factory.mktemp("sharding_slow"), SLOW_SINGLE,
+                                 SLOW_LAYOUTS)
+    return {**results[0], **singles}, {**results[1], **multi}
+
+
+def each_layout(names):
+    return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
+            for name in names]
+
+
+@pytest.fixture
+def layout_results(request, layout):
+    """The default layouts' runs, or with a slow layout both sets."""
+    return request.getfixturevalue("slow_results" if layout in SLOW_LAYOUTS else "results")
+
+
+@pytest.mark.parametrize("layout", each_layout(list(LAYOUTS) + list(SLOW_LAYOUTS)))
+def test_layout_trains_like_one_device(layout_results, layout):
+    singles, multi = layout_results
     bf16 = layout.endswith("_bf16")
     single, run = singles["single_bf16" if bf16 else "single"], multi[layout]
     assert single["devices"] == 1 and run["devices"] == 8
@@ -111,12 +135,12 @@ def test_layout_trains_like_one_device(results, layout):
 
 @pytest.mark.parametrize("layout,shard", [
     ("data_parallel", [2, 32, 64]),  # replicated
-    ("fsdp", [2, 4, 64]),  # embed split 8 ways
-    ("tensor_parallel", [2, 32, 8]),  # mlp split 8 ways
+    pytest.param("fsdp", [2, 4, 64], marks=pytest.mark.slow),  # embed split 8 ways
+    pytest.param("tensor_parallel", [2, 32, 8], marks=pytest.mark.slow),  # mlp split 8 ways
     ("mixed_2x2x2", [2, 16, 32]),  # embed over fsdp=2, mlp over tensor=2
 ])
-def test_parameters_are_split_as_the_layout_says(results, layout, shard):
-    _, multi = results
+def test_parameters_are_split_as_the_layout_says(layout_results, layout, shard):
+    _, multi = layout_results
     assert multi[layout]["kernel_shape"] == [2, 32, 64]
     assert multi[layout]["kernel_shard_shape"] == shard
 

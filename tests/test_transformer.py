@@ -110,7 +110,8 @@ def test_padding_does_not_reach_real_tokens(arch):
 
 # --- jit / scan / remat / dtype equivalences -------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["encoder", "decoder", "encoder_decoder"])
+@pytest.mark.parametrize("arch", ["encoder", "decoder", pytest.param(
+    "encoder_decoder", marks=pytest.mark.slow)])  # eager cross-attention: a minute on 2 cores
 def test_jit_and_eager_agree(arch):
     cfg = make_cfg(arch, layers=1, residual="deepnorm")
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)

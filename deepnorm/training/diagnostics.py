@@ -37,10 +37,11 @@ ATTENTION_SUBLAYERS = ("self_attn", "cross_attn")
 LOGIT_STAT_NAMES = ("output_logit_norm", "output_logit_max", "output_log_z")
 
 
-def parse_groups(value) -> frozenset:
-    """``train.diagnostic_groups``: ``all``, ``none`` or a comma list of ``GROUPS``."""
+def parse_groups(value, key: str = "train.diagnostic_groups") -> frozenset:
+    """``train.diagnostic_groups`` (or the config ``key`` named): ``all``, ``none`` or a comma
+    list of ``GROUPS``."""
     if not isinstance(value, str):
-        raise ConfigError(f"train.diagnostic_groups={value!r} must be a string: all, none or "
+        raise ConfigError(f"{key}={value!r} must be a string: all, none or "
                           f"a comma list of {', '.join(GROUPS)}")
     text = value.strip()
     if text == "all":
@@ -50,7 +51,7 @@ def parse_groups(value) -> frozenset:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in GROUPS]
     if unknown:
-        raise ConfigError(f"train.diagnostic_groups={value!r}: {', '.join(unknown)} not known; "
+        raise ConfigError(f"{key}={value!r}: {', '.join(unknown)} not known; "
                           f"use all, none or a comma list of {', '.join(GROUPS)}")
     return frozenset(names)
 

@@ -87,7 +87,7 @@ def check_train_config(train) -> None:
     if train.diagnostics not in DIAGNOSTICS:
         raise ConfigError(f"train.diagnostics={train.diagnostics!r} is not one of "
                           f"{', '.join(DIAGNOSTICS)}")
-    diagnostics_lib.parse_groups(train.get("diagnostic_groups", "all"))
+    step_groups(train)  # train.diagnostic_groups and train.every_step_groups
     if not train.max_loss > 0:
         raise ConfigError(f"train.max_loss={train.max_loss!r} must be positive")
     check_grad_accum(train.batch_size, train.grad_accum_steps)
@@ -384,17 +384,32 @@ def _rewind(run: _Run, reporter: "_Reporter", feed: rewind_lib.BatchFeed,
     return state, restored
 
 
+def step_groups(train) -> tuple[frozenset, frozenset]:
+    """(groups of the logged steps, groups of the others) for ``train`` (a ``train`` block)."""
+    if train.diagnostics == "off":
+        return frozenset(), frozenset()
+    logged = diagnostics_lib.parse_groups(train.get("diagnostic_groups", "all"))
+    if train.diagnostics == "log_steps":
+        return logged, frozenset()
+    every = diagnostics_lib.parse_groups(train.get("every_step_groups", "norms"),
+                                         "train.every_step_groups")
+    return logged, logged & every
+
+
 def _compile_train_step(run: _Run, config):
-    """``train_step(logged) -> jitted step``. ``train.diagnostics="log_steps"`` (or "off"
-    with ``train.gns``) compiles a second step without the diagnostics and the noise scale for
-    the steps not logged; the groups computed are ``train.diagnostic_groups``."""
+    """``train_step(logged) -> jitted step``. The logged steps compute
+    ``train.diagnostic_groups`` (and the noise scale with ``train.gns``); the others compute
+    only what is needed between logs, in a second compiled step: with
+    ``train.diagnostics="every_step"`` the groups of ``train.every_step_groups`` (the per-layer
+    norms by default, which the divergence monitor and the forensics history read), with
+    ``log_steps`` or ``off`` nothing."""
     train = run.train
     step_kwargs = dict(label_smoothing=float(config.optimizer.label_smoothing),
                        skip_nonfinite=train.on_nonfinite == "skip",
                        grad_accum_steps=train.grad_accum_steps,
                        loss_scale_period=(train.loss_scale_period if run.scaling else None),
                        z_loss=float(config.optimizer.get("z_loss", 0.0)))
-    groups = diagnostics_lib.parse_groups(train.get("diagnostic_groups", "all"))
+    logged_groups, unlogged_groups = step_groups(train)
 
     def compile_step(diagnostics, gns: bool):
         inner = make_train_step(run.graphdef, run.tx, diagnostics=diagnostics, gns=gns,
@@ -411,11 +426,12 @@ def _compile_train_step(run: _Run, config):
                        out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)),
                        donate_argnums=0)
 
-    # train.gns rides on the logged steps' step: every step with diagnostics="every_step",
-    # else only the logged ones (the others run the light step).
-    full = compile_step(groups if train.diagnostics != "off" else frozenset(), train.gns)
-    separate = train.diagnostics == "log_steps" or (train.gns and train.diagnostics == "off")
-    light = compile_step(frozenset(), False) if separate else full
+    # Only the logged steps' metrics reach metrics.jsonl, so the heavier groups (attention,
+    # activations, update ratios, Adam: 2-16% of a step together on a CPU) and the noise
+    # scale run there only; one program serves both when they compute the same.
+    full = compile_step(logged_groups, train.gns)
+    same = unlogged_groups == logged_groups and not train.gns
+    light = full if same else compile_step(unlogged_groups, False)
     return lambda logged: full if logged else light
 
 
