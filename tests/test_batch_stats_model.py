@@ -146,6 +146,15 @@ def saved_batch_stats(workdir: str, step: int):
     return jax.tree.map(np.asarray, tree["batch_stats"])
 
 
+def test_fold_norms_refuses_batch_statistics_norms():
+    from deepnorm.export import FoldError, fold_norms
+    from deepnorm.transformer import Transformer
+
+    model = Transformer(tiny("batchnorm"), rngs=nnx.Rngs(params=0))
+    with pytest.raises(FoldError, match="norm='batchnorm' is not folded"):
+        fold_norms(model)
+
+
 # --- 8 data-parallel devices -------------------------------------------------------------------
 
 def worker(workdir: str) -> dict:
@@ -189,12 +198,17 @@ def collect(proc: subprocess.Popen) -> dict:
 def test_eight_data_parallel_devices_give_the_one_device_statistics_and_losses(tmp_path):
     one, eight = run_worker(1, tmp_path / "one"), run_worker(8, tmp_path / "eight")
     one, eight = collect(one), collect(eight)
+    # Steps 2 and 3 normalize by (PowerNorm) or are evaluated with (both) the running
+    # statistics step 1 left: per-device statistics, each of one example of the batch's 8,
+    # would move the losses far more than the reduction order of a global mean does.
     for norm in ("powernorm", "batchnorm"):
         assert one[norm]["devices"] == 1 and eight[norm]["devices"] == 8
         np.testing.assert_allclose(eight[norm]["loss"], one[norm]["loss"], rtol=2e-5)
-        np.testing.assert_allclose(eight[norm]["eval_loss"], one[norm]["eval_loss"], rtol=2e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                      eight[norm]["stats"], one[norm]["stats"])
+        # The eval loss (8.13 after 3 steps of this tiny PowerNorm model) amplifies the
+        # statistics' float differences: measured 1.0e-4 relative.
+        np.testing.assert_allclose(eight[norm]["eval_loss"], one[norm]["eval_loss"], rtol=5e-4)
 
 
 if __name__ == "__main__":
