@@ -54,9 +54,10 @@ def setup(cfg, **step_kw):
     return graphdef, state, jax.jit(make_train_step(graphdef, tx, diagnostics=False, **step_kw))
 
 
-@pytest.mark.parametrize("norm", ["batchnorm", "powernorm"])
-@pytest.mark.parametrize("residual,arch", [("pre", "decoder"), ("deepnorm", "decoder"),
-                                           ("subln", "encoder_decoder")])
+@pytest.mark.parametrize("norm,residual,arch", [
+    ("batchnorm", "deepnorm", "decoder"), ("powernorm", "pre", "decoder"),
+    # subln: the inner norms of attention and FFN; encoder_decoder: cross-attention too
+    ("batchnorm", "subln", "encoder_decoder"), ("powernorm", "subln", "encoder_decoder")])
 def test_a_train_step_updates_the_running_statistics_of_every_norm(norm, residual, arch):
     layers = dict(num_layers=2) if arch == "decoder" else dict(
         num_layers=0, num_encoder_layers=1, num_decoder_layers=1)
@@ -75,10 +76,11 @@ def test_a_train_step_updates_the_running_statistics_of_every_norm(norm, residua
                 leaf.shape[:1] + (-1,) if leaf.ndim > 1 else (1, -1)).max(-1)
             assert np.all(moved > 0), name
     # Stacked [L, d] like the parameters of the scanned layers.
-    stack = "decoder"
-    norm_name = "ffn_norm" if residual != "subln" else "ffn_norm"
-    assert next(iter(new.batch_stats[stack]["layers"][norm_name].values())).shape[0] == \
-        cfg.decoder_layers
+    stacked = new.batch_stats["decoder"]["layers"]["ffn_norm"]
+    key = "mean" if norm == "batchnorm" else "psi2"
+    assert stacked[key].shape == (cfg.decoder_layers, cfg.d_model)
+    if residual == "subln":
+        assert "inner_norm" in new.batch_stats["decoder"]["layers"]["ffn"]
 
 
 @pytest.mark.parametrize("norm", ["batchnorm", "powernorm"])

@@ -307,6 +307,10 @@ def _setup(config, workdir: str) -> _Run:
     mesh_lib.check_batch_size(train.batch_size, mesh, jax.process_count())
     check_grad_accum(train.batch_size, train.grad_accum_steps,
                      math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES))
+    if model_cfg.batch_stats and train.grad_accum_steps > 1:  # before anything compiles
+        raise ConfigError(f"train.grad_accum_steps={train.grad_accum_steps} with "
+                          f"model.norm={model_cfg.norm!r}: batch-statistics norms need the "
+                          "whole batch in one pass; use 1")
     # A translation run's vocabulary: the workdir's own copy when resuming, else trained/cached.
     data = DataSource(config, model_cfg, mesh, workdir=workdir)
     tx, schedule = make_optimizer(config.optimizer, train.num_steps)
