@@ -206,7 +206,10 @@ def test_eight_data_parallel_devices_give_the_one_device_statistics_and_losses(t
     for norm in ("powernorm", "batchnorm"):
         assert one[norm]["devices"] == 1 and eight[norm]["devices"] == 8
         np.testing.assert_allclose(eight[norm]["loss"], one[norm]["loss"], rtol=2e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        # atol: PowerNorm's nu and BatchNorm's means sit near 0, where a mean of products of
+        # both signs loses relative precision (measured: 1.4e-5 on a value of -2.4e-3); the
+        # psi^2 and variances are O(1), where per-device statistics would differ by far more.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
                      eight[norm]["stats"], one[norm]["stats"])
         # The eval loss (8.13 after 3 steps of this tiny PowerNorm model) amplifies the
         # statistics' float differences: measured 1.0e-4 relative.
