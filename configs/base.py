@@ -31,7 +31,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     num_layers      layers of encoder-only / decoder-only; 0 for encoder_decoder
     num_encoder_layers, num_decoder_layers   N and M of encoder_decoder; else 0
     d_model, num_heads, d_ff                 widths
-    norm            layernorm | rmsnorm | scalenorm | dyt | none
+    norm            layernorm | rmsnorm | scalenorm | dyt | none | batchnorm | powernorm
+    norm_momentum   batchnorm / powernorm: running statistics' momentum (0.9)
+    norm_warmup     powernorm: steps normalized by the batch's own quadratic mean (0)
     residual        a scheme declared in deepnorm.residual (post, pre, deepnorm, ...; the
                     README's table lists them all)
     init            auto (the residual scheme's own) | xavier | deepnorm | subln | tfixup |

@@ -12,7 +12,9 @@ from typing import Any, Mapping
 from deepnorm import residual as residual_lib
 
 ARCHS = ("encoder", "decoder", "encoder_decoder")
-NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "none")
+NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "none", "batchnorm", "powernorm")
+# The norms with batch statistics (deepnorm.batch_norms): running statistics in the train state.
+BATCH_STAT_NORMS = ("batchnorm", "powernorm")
 # The residual schemes declared in deepnorm.residual, in declaration order, as of import; the
 # config checks against the live registry, so a scheme registered later is accepted too.
 RESIDUALS = tuple(residual_lib.SCHEMES)
@@ -79,6 +81,12 @@ class TransformerConfig:
     tie_embeddings: bool = True  # output head shares the token embedding
     use_bias: bool = True
     norm_eps: float = 1e-5
+    # BatchNorm / PowerNorm (deepnorm.batch_norms): the running statistics' momentum alpha,
+    # stat <- alpha stat + (1 - alpha) batch_stat (0.9: the PowerNorm authors' alpha_fwd and
+    # alpha_bkw), and PowerNorm's warmup steps normalized by the batch's own quadratic mean
+    # (0: Algorithm 1 as written; the authors' code passes its optimizer warmup, e.g. 8000).
+    norm_momentum: float = 0.9
+    norm_warmup: int = 0
     # Matmul input dtype: float32 | bfloat16 | float16. With bfloat16 / float16 the products are
     # summed and returned in float32 (ops.matmul); parameters, activations and norm statistics
     # are float32 either way. float16 trains with dynamic loss scaling (docs/precision.md).
@@ -151,6 +159,7 @@ class TransformerConfig:
             raise ConfigError(f"model.skip_lambda={self.skip_lambda!r} must be positive")
         if not self.norm_eps > 0:
             raise ConfigError(f"model.norm_eps={self.norm_eps!r} must be positive")
+        self._check_batch_stats()
         scheme = self.scheme
         if not scheme.uses_norm and self.norm != "none":
             raise ConfigError(
@@ -162,6 +171,21 @@ class TransformerConfig:
             raise ConfigError(
                 f"model.norm='none' only makes sense with residual {', '.join(allowed)} "
                 f"(x + F(x) for T-Fixup, or a scheme with no norm), not {self.residual!r}")
+
+    def _check_batch_stats(self) -> None:
+        m, w = self.norm_momentum, self.norm_warmup
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0.0 <= m < 1.0:
+            raise ConfigError(f"model.norm_momentum={m!r} must be a number in [0, 1)")
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"model.norm_warmup={w!r} must be a non-negative integer")
+        if w and self.norm != "powernorm":
+            raise ConfigError(f"model.norm_warmup={w} is PowerNorm's; model.norm={self.norm!r} "
+                              "has no warmup")
+
+    @property
+    def batch_stats(self) -> bool:
+        """Whether the norm keeps running statistics (BatchNorm, PowerNorm)."""
+        return self.norm in BATCH_STAT_NORMS
 
     def _check_layer_counts(self) -> None:
         if self.arch == "encoder_decoder":

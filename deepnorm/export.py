@@ -287,6 +287,14 @@ def fold_norms(model, *, center: bool = True, untie_head: bool = False,
     model a separate head so its final norm folds. ``strict``: raise ``FoldError`` instead of
     returning a partly folded model. The original model is not changed.
     """
+    if model.config.batch_stats:
+        # In eval a batch-statistics norm is a fixed per-feature affine of x, which would fold
+        # away entirely (into the readers, and the stream writers for Post-LN); that fold is
+        # not implemented, and folding only the gain and bias around it would be wrong in
+        # training, where the statistics come from each batch.
+        raise FoldError(f"norm={model.config.norm!r} is not folded: fold_norms does not "
+                        "implement folding batch-statistics norms (their eval form is a fixed "
+                        "per-feature affine); export the model unfolded")
     model = nnx.clone(model)
     report = FoldReport()
     if untie_head and model.head is None:

@@ -16,7 +16,8 @@ from flax import nnx
 
 from deepnorm import ops
 from deepnorm.initializers import xavier_normal
-from deepnorm.norms import RMSNorm, make_norm
+from deepnorm.batch_norms import BatchContext, apply_norm
+from deepnorm.norms import RMSNorm, config_norm
 
 
 class Dense(nnx.Module):
@@ -68,7 +69,7 @@ class Attention(nnx.Module):
         self.key = Dense(d, d, gain=gains["key"], axes=("embed", "heads"), **kw)
         self.value = Dense(d, d, gain=gains["value"], axes=("embed", "heads"), **kw)
         self.out = Dense(d, d, gain=gains["out"], axes=("heads", "embed"), **kw)
-        self.inner_norm = make_norm(cfg.norm, d, eps=cfg.norm_eps) if inner_norm else None
+        self.inner_norm = config_norm(cfg, d) if inner_norm else None
         self.head_scale = (nnx.Param(jnp.ones((cfg.num_heads,), jnp.float32), axes=(None,))
                            if head_scale else None)
         qk = lambda: RMSNorm(d // cfg.num_heads, eps=cfg.norm_eps)  # noqa: E731
@@ -77,21 +78,20 @@ class Attention(nnx.Module):
     def _normed(self, norm, x_BxTxHxK):
         return x_BxTxHxK if norm is None else norm(x_BxTxHxK)
 
-    def _mix_heads(self, o_BxTxHxK: jax.Array) -> jax.Array:
+    def _mix_heads(self, o_BxTxHxK: jax.Array, norm_ctx: BatchContext | None = None) -> jax.Array:
         """The heads, concatenated and projected out (with the scheme's head scales and inner
-        norm first)."""
+        norm first; ``norm_ctx`` for a batch-statistics norm, deepnorm.batch_norms)."""
         b, t, h, k = o_BxTxHxK.shape
         if self.head_scale is not None:
             o_BxTxHxK = o_BxTxHxK * self.head_scale[...][:, None].astype(o_BxTxHxK.dtype)
         o = o_BxTxHxK.reshape(b, t, h * k)
-        if self.inner_norm is not None:
-            o = self.inner_norm(o)
-        return self.out(o)
+        return self.out(apply_norm(self.inner_norm, o, norm_ctx))
 
     def __call__(self, x_BxTxD: jax.Array, context_BxSxD: jax.Array | None = None, *,
                  mask_Bx1xTxS: jax.Array | None = None, causal: bool = False,
                  stats_out: dict | None = None,
-                 query_weights_BxT: jax.Array | None = None) -> jax.Array:
+                 query_weights_BxT: jax.Array | None = None,
+                 norm_ctx: BatchContext | None = None) -> jax.Array:
         """``stats_out`` (a dict, training diagnostics): filled with the attention's
         ``logit_max`` and ``entropy`` per head [H] (``ops.attention_with_stats``), over the
         queries ``query_weights_BxT`` weighs (they sum to 1 over the real tokens)."""
@@ -113,7 +113,7 @@ class Attention(nnx.Module):
         else:
             o, stats = ops.attention_with_stats(q, k, v, query_weights_BxT, **kw)
             stats_out.update(stats)
-        return self._mix_heads(o)
+        return self._mix_heads(o, norm_ctx)
 
 
     # Incremental decoding (deepnorm.decoding.incremental) ----------------------------------
@@ -168,10 +168,9 @@ class FeedForward(nnx.Module):
                             **kw)
         self.ffn_out = Dense(cfg.d_ff, cfg.d_model, gain=gains["ffn_out"],
                              axes=("mlp", "embed"), **kw)
-        self.inner_norm = make_norm(cfg.norm, cfg.d_ff, eps=cfg.norm_eps) if inner_norm else None
+        self.inner_norm = config_norm(cfg, cfg.d_ff) if inner_norm else None
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, norm_ctx: BatchContext | None = None) -> jax.Array:
+        """``norm_ctx``: the batch context of a batch-statistics inner norm (None: eval)."""
         h = self.act(self.ffn_in(x_BxTxD))
-        if self.inner_norm is not None:
-            h = self.inner_norm(h)
-        return self.ffn_out(h)
+        return self.ffn_out(apply_norm(self.inner_norm, h, norm_ctx))

@@ -151,6 +151,11 @@ class Identity(nnx.Module):
         return x
 
 
+class BatchStatNorm(nnx.Module):
+    """Base of the norms with batch statistics (deepnorm.batch_norms): ``__call__(x, ctx)``
+    with a ``BatchContext`` (the token mask and whether it trains)."""
+
+
 NORM_CLASSES = {
     "layernorm": LayerNorm,
     "rmsnorm": RMSNorm,
@@ -159,13 +164,29 @@ NORM_CLASSES = {
     "none": Identity,
 }
 
+# The norms with batch statistics (they need the token mask, a train flag and running
+# statistics) live in deepnorm.batch_norms, which adds them to NORM_CLASSES; imported here, after
+# everything it uses from this module, so every ``model.norm`` value is there whichever of the
+# two modules is imported first.
+import deepnorm.batch_norms  # noqa: E402,F401
 
-def make_norm(kind: str, dim: int, *, eps: float = 1e-5, affine: bool = True) -> nnx.Module:
+
+def make_norm(kind: str, dim: int, *, eps: float = 1e-5, affine: bool = True,
+              momentum: float = 0.9, warmup: int = 0) -> nnx.Module:
     """The norm named by ``model.norm`` (``affine=False``: without gain and bias); unknown
-    names are a one-line error."""
+    names are a one-line error. ``momentum`` and ``warmup`` are the running statistics' of
+    the batch-statistics norms (``model.norm_momentum``, ``model.norm_warmup``)."""
     try:
         cls = NORM_CLASSES[kind]
     except KeyError:
         raise ValueError(
             f"norm {kind!r} is not one of {', '.join(NORM_CLASSES)}") from None
+    if issubclass(cls, BatchStatNorm):
+        return cls(dim, eps=eps, affine=affine, momentum=momentum, warmup=warmup)
     return cls(dim, eps=eps, affine=affine)
+
+
+def config_norm(cfg, dim: int) -> nnx.Module:
+    """``model.norm`` of width ``dim`` with the model's epsilon and running-statistic options."""
+    return make_norm(cfg.norm, dim, eps=cfg.norm_eps, momentum=cfg.norm_momentum,
+                     warmup=cfg.norm_warmup)

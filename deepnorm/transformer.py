@@ -21,7 +21,8 @@ from deepnorm import residual as residual_lib
 from deepnorm.config import TransformerConfig
 from deepnorm.initializers import block_constants, layer_constants, layer_gain, role_gains
 from deepnorm.layers import Attention, Dense, FeedForward
-from deepnorm.norms import make_norm
+from deepnorm.batch_norms import BatchContext, apply_norm, bind
+from deepnorm.norms import config_norm
 from deepnorm.ops import matmul
 from deepnorm.residual import ATTN, FFN, sublayer_kind
 
@@ -166,7 +167,7 @@ class Block(nnx.Module):
         self.cross_attn = Attention(cfg, scaled, **attn, rngs=rngs) if cross else None
         self.ffn = FeedForward(cfg, scaled, inner_norm=FFN in scheme.inner_norm, rngs=rngs)
         num_layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
-        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
+        norm = lambda: config_norm(cfg, cfg.d_model)  # noqa: E731
         count = len(self.sublayer_names)
         for i, name in enumerate(self.sublayer_names):
             kind = sublayer_kind(name)
@@ -201,7 +202,7 @@ class Block(nnx.Module):
         return self.consts
 
     def _sublayers(self, context, self_mask, cross_mask, causal, dropout_key, records,
-                   branches=None, attn_stats=None, token_w=None):
+                   branches=None, attn_stats=None, token_w=None, norm_ctx=None):
         def stats_kw(name):  # attention statistics land in attn_stats[name] when requested
             if attn_stats is None:
                 return {}
@@ -209,10 +210,10 @@ class Block(nnx.Module):
 
         branches = branches or {
             "self_attn": lambda h: self.self_attn(h, mask_Bx1xTxS=self_mask, causal=causal,
-                                                  **stats_kw("self_attn")),
+                                                  norm_ctx=norm_ctx, **stats_kw("self_attn")),
             "cross_attn": lambda h: self.cross_attn(h, context, mask_Bx1xTxS=cross_mask,
-                                                    **stats_kw("cross_attn")),
-            "ffn": self.ffn,
+                                                    norm_ctx=norm_ctx, **stats_kw("cross_attn")),
+            "ffn": lambda h: self.ffn(h, norm_ctx),
         }
         scheme = residual_lib.get(self.residual)
         out = []
@@ -229,16 +230,21 @@ class Block(nnx.Module):
             params = {p.name: getattr(self, f"{name}_{p.name}")[...]
                       for p in scheme.params if kind in p.kinds}
             out.append(residual_lib.Sublayer(
-                f=f, ln=(lambda h: h) if norm is None else norm,
-                ln_out=getattr(self, f"{name}_norm_out"), kind=kind, params=params))
+                f=f, ln=(lambda h: h) if norm is None else bind(norm, norm_ctx),
+                ln_out=bind(getattr(self, f"{name}_norm_out"), norm_ctx), kind=kind,
+                params=params))
         return scheme, out
 
     def __call__(self, x_BxTxD, consts=None, *, context_BxSxD=None, self_mask=None, cross_mask=None,
                  causal=False, dropout_key=None, token_mask_BxT=None,
-                 extra_stats: frozenset = frozenset()):
+                 extra_stats: frozenset = frozenset(), train_norms: bool = False):
         """Returns the new residual stream and a dict of per-sublayer statistics, each [S],
         each a mean over the tokens ``token_mask_BxT`` marks real (all tokens if None), plus
         the ``extra_stats`` groups asked for (``EXTRA_STATS``).
+
+        ``train_norms``: batch-statistics norms (deepnorm.batch_norms) normalize by the
+        statistics of the real tokens and update their running statistics in place; else
+        they use the running ones. Other norms ignore it.
 
         For a scheme with several streams (``Scheme.streams`` n > 1, e.g. ResiDual) the stream
         is the stacked [n, B, T, D] (``Scheme.enter`` makes it from [B, T, D]); for DLCL the
@@ -247,9 +253,10 @@ class Block(nnx.Module):
         scheme = residual_lib.get(self.residual)
         w = _token_weights(scheme.observed(x_BxTxD), token_mask_BxT)
         attn_stats = {} if "attention" in extra_stats else None
-        scheme, sublayers = self._sublayers(context_BxSxD, self_mask, cross_mask, causal,
-                                            dropout_key, branch_outputs, attn_stats=attn_stats,
-                                            token_w=w)
+        scheme, sublayers = self._sublayers(
+            context_BxSxD, self_mask, cross_mask, causal, dropout_key, branch_outputs,
+            attn_stats=attn_stats, token_w=w,
+            norm_ctx=BatchContext(token_mask_BxT, train_norms))
         states = scheme.apply(x_BxTxD, sublayers, self._consts(consts))
         # A multi-stream scheme's statistics are those of its first stream.
         inputs = [scheme.observed(s) for s in [x_BxTxD] + states[:-1]]
@@ -315,22 +322,26 @@ class Stack(nnx.Module):
                          rngs=rngs)
 
         self.layers = make_layers(rngs, jnp.arange(1, self.num_layers + 1, dtype=jnp.float32))
-        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
+        norm = lambda: config_norm(cfg, cfg.d_model)  # noqa: E731
         self.input_norm = norm() if cfg.scheme.input_norm else None
         self.final_norm = norm() if cfg.scheme.final_norm else None
 
     def __call__(self, x_BxTxD, *, context_BxSxD=None, self_mask=None, cross_mask=None,
                  causal=False, dropout_key=None, token_mask_BxT=None,
-                 extra_stats: frozenset = frozenset()):
+                 extra_stats: frozenset = frozenset(), train_norms: bool = False):
         """Returns the stack's output and statistics with a leading layer axis, each [L, S]
         (the attention statistics of ``extra_stats``: [L, H]).
 
         ``token_mask_BxT`` (True at real tokens; None: all) selects the tokens the statistics
-        average over; it changes nothing in the computation itself.
+        average over; with per-token norms it changes nothing in the computation itself, and
+        batch-statistics norms take their statistics over those tokens only.
+        ``train_norms``: see ``Block``; the layers' updated running statistics [L, ...] come
+        out of the scan and are written back into ``self.layers``.
         """
         cfg = self.config
-        if self.input_norm is not None:
-            x_BxTxD = self.input_norm(x_BxTxD)
+        norm_ctx = BatchContext(token_mask_BxT, train_norms)
+        x_BxTxD = apply_norm(self.input_norm, x_BxTxD, norm_ctx)
+        updates = train_norms and cfg.batch_stats
         graphdef, layer_state = nnx.split(self.layers)
         consts = layer_constants(cfg, self.name, self.num_layers)
         scheme = cfg.scheme
@@ -340,9 +351,12 @@ class Stack(nnx.Module):
         def body(x, xs):
             state, c, key = xs
             block = nnx.merge(graphdef, state)
-            return block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
-                         cross_mask=cross_mask, causal=causal, dropout_key=key,
-                         token_mask_BxT=token_mask_BxT, extra_stats=extra_stats)
+            x, stats = block(x, c, context_BxSxD=context_BxSxD, self_mask=self_mask,
+                             cross_mask=cross_mask, causal=causal, dropout_key=key,
+                             token_mask_BxT=token_mask_BxT, extra_stats=extra_stats,
+                             train_norms=train_norms)
+            # The layer's running statistics after its update, stacked [L, ...] by the scan.
+            return x, (stats, nnx.state(block, nnx.BatchStat) if updates else None)
 
         policy = model_remat_policy(cfg.remat_policy)
         if policy != "none":
@@ -353,9 +367,11 @@ class Stack(nnx.Module):
             # (docs/backends.md): there remat saves no memory, and barriers would not help.
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                                   prevent_cse=False)
-        x, stats = run_layers(body, scheme.enter(x_BxTxD, self.num_layers),
-                              (layer_state, consts, keys), cfg)
-        return scheme.leave(x, self.final_norm), stats
+        x, (stats, batch_stats) = run_layers(body, scheme.enter(x_BxTxD, self.num_layers),
+                                             (layer_state, consts, keys), cfg)
+        if updates:
+            nnx.update(self.layers, batch_stats)
+        return scheme.leave(x, bind(self.final_norm, norm_ctx)), stats
 
 
     def cross_kv(self, context_BxSxD):
@@ -485,8 +501,14 @@ class Transformer(nnx.Module):
     def __call__(self, inputs_BxT, decoder_inputs_BxT=None, *, deterministic: bool = True,
                  dropout_key: jax.Array | None = None, extra_stats=()):
         """``extra_stats``: the statistics groups of ``EXTRA_STATS`` to add to ``aux`` (training
-        diagnostics); a static choice, so those not asked for are never computed."""
+        diagnostics); a static choice, so those not asked for are never computed.
+
+        ``deterministic=False`` is the training forward pass: dropout on, and the
+        batch-statistics norms (``model.norm`` batchnorm / powernorm) normalize by the real
+        tokens' statistics and update their running statistics in the model (read them with
+        ``nnx.state(model, nnx.BatchStat)``); ``deterministic=True`` uses the running ones."""
         cfg = self.config
+        train_norms = not deterministic
         extra_stats = check_extra_stats(extra_stats)
         if (decoder_inputs_BxT is None) != (cfg.arch != "encoder_decoder"):
             raise ValueError(
@@ -501,7 +523,8 @@ class Transformer(nnx.Module):
             x = self._embed(inputs_BxT, keys[0])
             aux_in = token_var(x, real_BxT)
             x, aux["decoder"] = self.decoder(x, causal=True, dropout_key=keys[1],
-                                             token_mask_BxT=real_BxT, extra_stats=extra_stats)
+                                             token_mask_BxT=real_BxT, extra_stats=extra_stats,
+                                             train_norms=train_norms)
             aux["decoder"]["input_var"] = aux_in
             return self._logits(x), aux
         real_BxS = inputs_BxT != PAD_ID
@@ -509,7 +532,8 @@ class Transformer(nnx.Module):
         x = self._embed(inputs_BxT, keys[0])
         aux_in = token_var(x, real_BxS)
         enc, aux["encoder"] = self.encoder(x, self_mask=pad_mask_Bx1x1xS, dropout_key=keys[1],
-                                           token_mask_BxT=real_BxS, extra_stats=extra_stats)
+                                           token_mask_BxT=real_BxS, extra_stats=extra_stats,
+                                           train_norms=train_norms)
         aux["encoder"]["input_var"] = aux_in
         if cfg.arch == "encoder":
             return self._logits(enc), aux
@@ -518,7 +542,8 @@ class Transformer(nnx.Module):
         aux_in = token_var(y, real_BxT)
         y, aux["decoder"] = self.decoder(y, context_BxSxD=enc, cross_mask=pad_mask_Bx1x1xS,
                                          causal=True, dropout_key=keys[3],
-                                         token_mask_BxT=real_BxT, extra_stats=extra_stats)
+                                         token_mask_BxT=real_BxT, extra_stats=extra_stats,
+                                         train_norms=train_norms)
         aux["decoder"]["input_var"] = aux_in
         return self._logits(y), aux
 

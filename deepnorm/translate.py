@@ -73,7 +73,9 @@ def decode_mesh(config):
 def load_run(workdir: str, mesh=None):
     """``(config ConfigDict, TransformerConfig, graphdef, params, step, mesh)`` of the newest
     checkpoint in ``workdir``, the parameters placed on ``mesh`` (default ``decode_mesh``) as
-    the run's ``mesh.rules`` shard them."""
+    the run's ``mesh.rules`` shard them. A model with batch-statistics norms (BatchNorm /
+    PowerNorm) gives ``params`` as the pair ``(params, batch_stats)``, which ``Translator``
+    takes as it is."""
     if not os.path.isdir(workdir):
         raise BadInput(f"--workdir={workdir} does not exist")
     config_path = os.path.join(workdir, "config.json")
@@ -109,8 +111,9 @@ def load_run(workdir: str, mesh=None):
     except ConfigError as err:
         raise BadInput(f"{config_path}: {err}") from err
     graphdef, param_state = abstract_params(model_cfg, config.train.seed)
-    abstract = abstract_like(abstract_train_state(model_cfg, tx, config.train.seed),
-                             mesh_lib.state_shardings(mesh, tx, param_state, rules))
+    abstract_state = abstract_train_state(model_cfg, tx, config.train.seed)
+    abstract = abstract_like(abstract_state, mesh_lib.state_shardings(
+        mesh, tx, param_state, rules, batch_stats=abstract_state.batch_stats))
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
     try:
         restored = manager.restore(steps[-1], args=ocp.args.Composite(
@@ -120,7 +123,10 @@ def load_run(workdir: str, mesh=None):
                        f"{str(err).splitlines()[0][:200]}") from err
     finally:
         manager.close()
-    return config, model_cfg, graphdef, restored.state.params, steps[-1], mesh
+    params = restored.state.params
+    if restored.state.batch_stats is not None:
+        params = (params, restored.state.batch_stats)
+    return config, model_cfg, graphdef, params, steps[-1], mesh
 
 
 class Translator:
@@ -138,10 +144,13 @@ class Translator:
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
 
         def run(params, inputs, max_steps):
+            # load_run's (params, batch_stats) pair for a model with batch-statistics norms
+            params, batch_stats = params if isinstance(params, tuple) else (params, None)
             return incremental.translate_batch(
                 graphdef, params, inputs, beam_size=beam, lenpen=lenpen, max_len_a=max_len_a,
                 max_len_b=max_len_b, max_steps=max_steps, bos_id=vocab.bos_id,
-                eos_id=vocab.eos_id, pad_id=vocab.pad_id, banned_ids=vocab.banned_ids)
+                eos_id=vocab.eos_id, pad_id=vocab.pad_id, banned_ids=vocab.banned_ids,
+                batch_stats=batch_stats)
 
         if mesh is None:
             mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=jax.devices()[:1],

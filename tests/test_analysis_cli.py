@@ -72,6 +72,11 @@ def _fails(capsys, argv):
      "Found --config.analysis.out=x in argv before a value for --config"),
     (["grad-norms", OUT, "--config.model.num_heads=3"],
      "model.d_model=128 is not divisible by model.num_heads=3"),
+    # Running batch statistics are not carried by the measurements (nor per lane by the map).
+    *[([command, OUT, f"--config.model.norm={norm}"],
+       f"model.norm='{norm}' keeps running batch statistics, which the analysis commands do "
+       f"not carry") for command in ("grad-norms", "update-norms", "stability-map")
+      for norm in ("batchnorm", "powernorm")],
 ])
 def test_bad_input_fails_in_one_line(capsys, monkeypatch, argv, expected):
     monkeypatch.chdir(ROOT)

@@ -11,8 +11,14 @@ ENC_DEC = dict(VALID, arch="encoder_decoder", num_layers=0, num_encoder_layers=2
 # (id, config overrides, regex the message must match: the bad value and what is allowed)
 BAD = [
     ("unknown_arch", dict(arch="gpt"), r"model\.arch='gpt'.*encoder, decoder, encoder_decoder"),
-    ("unknown_norm", dict(norm="batchnorm"),
-     r"model\.norm='batchnorm'.*layernorm, rmsnorm, scalenorm, dyt, none"),
+    ("unknown_norm", dict(norm="groupnorm"),
+     r"model\.norm='groupnorm'.*layernorm, rmsnorm, scalenorm, dyt, none, batchnorm, powernorm"),
+    ("norm_momentum_out_of_range", dict(norm="batchnorm", norm_momentum=1.0),
+     r"model\.norm_momentum=1\.0 must be a number in \[0, 1\)"),
+    ("norm_warmup_negative", dict(norm="powernorm", norm_warmup=-1),
+     r"model\.norm_warmup=-1 must be a non-negative integer"),
+    ("norm_warmup_without_powernorm", dict(norm="batchnorm", norm_warmup=10),
+     r"model\.norm_warmup=10 is PowerNorm's; model\.norm='batchnorm' has no warmup"),
     ("unknown_residual", dict(residual="highway"),
      r"model\.residual='highway'.*post, pre, sandwich, peri, deepnorm, subln, b2t, rezero, "
      r"admin, mixln, lnscale"),

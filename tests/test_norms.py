@@ -102,5 +102,5 @@ def test_scalenorm_at_init_gives_unit_rms():
 
 
 def test_make_norm_rejects_unknown_name():
-    with pytest.raises(ValueError, match="'batchnorm'.*layernorm"):
-        norms.make_norm("batchnorm", D)
+    with pytest.raises(ValueError, match="'groupnorm'.*layernorm.*powernorm"):
+        norms.make_norm("groupnorm", D)

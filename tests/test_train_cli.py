@@ -23,8 +23,11 @@ def train_py(*args, timeout=300):
 BAD_INPUT = [
     ("mistyped_key", [QUICK, "--config.train.num_step=5"], "num_step"),
     ("wrong_type", [QUICK, "--config.train.batch_size=many"], "many"),
-    ("bad_model_value", [QUICK, "--config.model.norm=batchnorm"],
-     "model.norm='batchnorm' is not one of layernorm"),
+    ("bad_model_value", [QUICK, "--config.model.norm=groupnorm"],
+     "model.norm='groupnorm' is not one of layernorm"),
+    ("batch_stats_grad_accum", [QUICK, "--config.model.norm=powernorm",
+                                "--config.train.grad_accum_steps=2"],
+     "train.grad_accum_steps=2 with model.norm='powernorm': batch-statistics norms need"),
     ("bad_policy", [QUICK, "--config.train.on_nonfinite=ignore"],
      "train.on_nonfinite='ignore' is not one of stop, skip"),
     ("mesh_needs_more_devices", [QUICK, "--config.mesh.data=3"],

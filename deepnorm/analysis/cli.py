@@ -126,6 +126,13 @@ def check(command: str, config) -> tuple[dict, TransformerConfig]:
     values = settings_lib.parse(command, config.analysis)
     # As train.py runs it: the platform's choice for "auto" (deepnorm.training.platform).
     base = resolve_model_config(TransformerConfig.from_mapping(config.model.to_dict()))
+    if base.batch_stats:
+        # The measurements differentiate and train the params alone, and the stability map
+        # vmaps its trainings over learning rates: running statistics would need threading
+        # (per lane, in the map) through all of them, which they do not do.
+        raise ConfigError(f"model.norm={base.norm!r} keeps running batch statistics, which "
+                          f"the analysis commands do not carry; use a per-token norm "
+                          f"(layernorm, rmsnorm, scalenorm, dyt) for {command}")
     for depth in values["depths"]:
         for scheme in values["residuals"]:
             schemes_lib.scheme_config(base, scheme, depth)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepnorm import variables
 from deepnorm.decoding import search
 
 BANNED_LOGIT = -1e9  # padding is never generated (finite: no -inf arithmetic in the scores)
@@ -41,10 +42,12 @@ def step_fn(model, banned_ids=(0,)):
 
 def translate_batch(graphdef, params, inputs_BxS, *, beam_size: int = 5, lenpen: float = 1.0,
                     max_len_a: float = 1.2, max_len_b: int = 10, max_steps: int = 128,
-                    bos_id: int = 1, eos_id: int = 1, pad_id: int = 0, banned_ids=(0,)):
+                    bos_id: int = 1, eos_id: int = 1, pad_id: int = 0, banned_ids=(0,),
+                    batch_stats=None):
     """Best hypothesis per source row of an encoder_decoder: tokens [B, max_steps + 1]
-    (EOS, then padding). ``beam_size=1`` is greedy search. Jit it with the static arguments."""
-    model = nnx.merge(graphdef, params)
+    (EOS, then padding). ``beam_size=1`` is greedy search. Jit it with the static arguments.
+    ``batch_stats``: the running statistics of batch-statistics norms (deepnorm.variables)."""
+    model = variables.merge(graphdef, params, batch_stats)
     b = inputs_BxS.shape[0]
     src_len = jnp.sum(inputs_BxS != pad_id, axis=1)
     max_len = search.max_lengths(src_len, max_len_a, max_len_b, max_steps)
@@ -61,10 +64,11 @@ def translate_batch(graphdef, params, inputs_BxS, *, beam_size: int = 5, lenpen:
 
 def continue_text(graphdef, params, prompt_BxP, prompt_len_B, *, max_new: int,
                   temperature: float = 0.0, key=None, eos_id: int = 1, pad_id: int = 0,
-                  banned_ids=(0,)):
+                  banned_ids=(0,), batch_stats=None):
     """Decoder-only continuation: greedy (``temperature=0``) or sampled, up to ``max_new``
-    tokens after each prompt; returns ``search.generate``'s ``(tokens, length)``."""
-    model = nnx.merge(graphdef, params)
+    tokens after each prompt; returns ``search.generate``'s ``(tokens, length)``.
+    ``batch_stats`` as for ``translate_batch``."""
+    model = variables.merge(graphdef, params, batch_stats)
     b, p = prompt_BxP.shape
     cache = model.init_decode_cache(b, p + max_new + 1)
     return search.generate(step_fn(model, banned_ids), cache, prompt_BxP=prompt_BxP,

@@ -46,7 +46,7 @@ def pad_batch(rows: Sequence[np.ndarray], length: int, pad_id: int = 0) -> np.nd
 
 
 def loop_bleu_eval(config, graphdef, data, mesh=None, *, beam_size: int = 1):
-    """``params -> {"bleu", "chrf"}`` on the first ``train.bleu_examples`` validation pairs
+    """``(params, batch_stats=None) -> {"bleu", "chrf"}`` on the first ``train.bleu_examples`` validation pairs
     (the same ones every time), decoded with greedy search (``beam_size=1``: cheap enough to
     run during training; ``python -m deepnorm.translate`` uses a beam) and the run's own
     tokenizer (``data.tokenizer``: bytes or SentencePiece), detokenized for sacreBLEU. Each
@@ -72,16 +72,19 @@ def loop_bleu_eval(config, graphdef, data, mesh=None, *, beam_size: int = 1):
     if mesh is None:
         mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=jax.devices()[:1],
                              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-    decoder = DataParallelDecoder(lambda params, x, max_steps: translate_batch(
-        graphdef, params, x, beam_size=beam_size, max_steps=max_steps, bos_id=tok.bos_id,
-        eos_id=tok.eos_id, pad_id=tok.pad_id, banned_ids=tok.banned_ids), mesh, BATCH_AXES)
+    # The decoder's "params" are the pair (params, batch_stats): both replicated to every shard.
+    decoder = DataParallelDecoder(lambda both, x, max_steps: translate_batch(
+        graphdef, both[0], x, beam_size=beam_size, max_steps=max_steps, bos_id=tok.bos_id,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, banned_ids=tok.banned_ids,
+        batch_stats=both[1]), mesh, BATCH_AXES)
     batch_size, max_steps = int(config.train.batch_size), int(config.train.seq_len)
 
     def translate(params, rows):
         tokens = decoder(params, pad_batch(rows, inputs.shape[1], tok.pad_id), max_steps)
         return [tok.decode(t) for t in tokens]
 
-    def evaluate(params) -> dict:
-        return bleu_eval(params, translate, list(inputs), references, batch_size=batch_size)
+    def evaluate(params, batch_stats=None) -> dict:
+        return bleu_eval((params, batch_stats), translate, list(inputs), references,
+                         batch_size=batch_size)
 
     return evaluate

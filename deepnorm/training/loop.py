@@ -189,11 +189,12 @@ class _Evaluator:
         self.iterator = data.iterator("eval")
         self.start = self.iterator.get_state()
 
-    def __call__(self, params) -> dict:
+    def __call__(self, params, batch_stats=None) -> dict:
         self.iterator.set_state(self.start)
         nll = tokens = 0.0
         for _ in range(self.num_batches):
-            out = to_host(self.eval_step(params, self.data.to_global(next(self.iterator))))
+            out = to_host(self.eval_step(params, self.data.to_global(next(self.iterator)),
+                                         batch_stats))
             nll += float(out["nll_sum"])
             tokens += float(out["num_tokens"])
         loss = nll / max(tokens, 1.0)
@@ -231,9 +232,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     if cadence.checkpoints(step):
                         _save(run, feed, step, state)
                     if cadence.evaluates(step):
-                        reporter.evaluate(step, state.params)
+                        reporter.evaluate(step, state.params, state.batch_stats)
                 if cadence.scores_bleu(step):
-                    reporter.score_bleu(step, state.params)
+                    reporter.score_bleu(step, state.params, state.batch_stats)
                 if step < train.num_steps and guard.requested(step):
                     if not reporter(lagged.drain()):
                         break  # diverged on this very step: nothing worth checkpointing
@@ -306,14 +307,21 @@ def _setup(config, workdir: str) -> _Run:
     mesh_lib.check_batch_size(train.batch_size, mesh, jax.process_count())
     check_grad_accum(train.batch_size, train.grad_accum_steps,
                      math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES))
+    if model_cfg.batch_stats and train.grad_accum_steps > 1:  # before anything compiles
+        raise ConfigError(f"train.grad_accum_steps={train.grad_accum_steps} with "
+                          f"model.norm={model_cfg.norm!r}: batch-statistics norms need the "
+                          "whole batch in one pass; use 1")
     # A translation run's vocabulary: the workdir's own copy when resuming, else trained/cached.
     data = DataSource(config, model_cfg, mesh, workdir=workdir)
     tx, schedule = make_optimizer(config.optimizer, train.num_steps)
     graphdef, param_state = abstract_params(model_cfg, train.seed)
-    shardings = mesh_lib.state_shardings(mesh, tx, param_state, rules)
+    abstract_state = abstract_train_state(model_cfg, tx, train.seed)
+    shardings = mesh_lib.state_shardings(mesh, tx, param_state, rules,
+                                         batch_stats=abstract_state.batch_stats)
     train_iter = data.iterator("train")
     evaluator = _Evaluator(data, jax.jit(make_eval_step(graphdef),
-                                         in_shardings=(shardings.params, data.sharding)),
+                                         in_shardings=(shardings.params, data.sharding,
+                                                       shardings.batch_stats)),
                            train.eval_steps)
     if primary:
         try:
@@ -326,8 +334,7 @@ def _setup(config, workdir: str) -> _Run:
                                                async_save=train.async_checkpoints)
     run = _Run(model_cfg, train, workdir, primary, mesh, data, tx, schedule, shardings,
                graphdef, train_iter, evaluator, checkpointer, config=config)
-    abstract = checkpoint_lib.abstract_like(abstract_train_state(model_cfg, tx, train.seed),
-                                            shardings)
+    abstract = checkpoint_lib.abstract_like(abstract_state, shardings)
     run.abstract_state = abstract
     run.state, run.start_step = checkpointer.restore_latest(
         abstract, run.train_iter, changed_keys=validation.changed_config_keys(workdir, config))
@@ -622,15 +629,15 @@ class _Reporter:
         """The running count of float16 overflow steps, in loss-scaled runs' metrics rows."""
         return {"overflow_steps": self.monitor.overflow_steps} if self.run.scaling else {}
 
-    def score_bleu(self, step: int, params) -> None:
+    def score_bleu(self, step: int, params, batch_stats=None) -> None:
         """BLEU / chrF of greedy translations of fixed validation pairs (sacreBLEU)."""
-        self.bleu = self._bleu_eval(params)
+        self.bleu = self._bleu_eval(params, batch_stats)
         self.writer.write(step, self.bleu, kind="eval")
         self.writer.message(f"step {step}: BLEU {self.bleu['bleu']:.2f}, chrF "
                             f"{self.bleu['chrf']:.2f}")
 
-    def evaluate(self, step: int, params) -> None:
-        self.eval = self.run.evaluator(params)
+    def evaluate(self, step: int, params, batch_stats=None) -> None:
+        self.eval = self.run.evaluator(params, batch_stats)
         self.writer.write(step, self.eval, kind="eval")
         self.writer.message(f"step {step}: loss {self.loss:.4f}, eval loss "
                             f"{self.eval['eval_loss']:.4f}, perplexity "

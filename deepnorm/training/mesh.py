@@ -99,9 +99,11 @@ def param_specs(param_state, mesh: Mesh, rules) -> dict:
     return fitted
 
 
-def state_shardings(mesh: Mesh, tx, param_state, rules) -> TrainState:
+def state_shardings(mesh: Mesh, tx, param_state, rules, batch_stats=None) -> TrainState:
     """A TrainState of ``NamedSharding``: optimizer moments follow their parameter's spec,
-    scalars (step, counts, rng, loss scale) are replicated."""
+    scalars (step, counts, rng, loss scale) are replicated, and so are the running statistics
+    ``batch_stats`` (a tree of their shapes, or None; [L, d] vectors: every device updates
+    them from the same global batch statistics)."""
     pspecs = param_specs(param_state, mesh, rules)
     abstract = nnx.to_pure_dict(param_state)
     opt_shapes = jax.eval_shape(tx.init, abstract)
@@ -115,7 +117,8 @@ def state_shardings(mesh: Mesh, tx, param_state, rules) -> TrainState:
     return TrainState(step=replicated, params=jax.tree.map(named, pspecs, is_leaf=is_spec),
                       opt_state=jax.tree.map(named, opt_specs, is_leaf=is_spec),
                       rng=replicated,
-                      loss_scale={"scale": replicated, "good_steps": replicated})
+                      loss_scale={"scale": replicated, "good_steps": replicated},
+                      batch_stats=jax.tree.map(lambda _: replicated, batch_stats))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -2,7 +2,9 @@
 
 Parameters are kept as a pure nested dict (``nnx.to_pure_dict``), not as ``nnx.State``: the
 functional hot path merges them with the graphdef inside the jitted step
-(``nnx.merge(graphdef, params)``), and orbax / optax see nothing but dicts of arrays.
+(``nnx.merge(graphdef, params)``), and orbax / optax see nothing but dicts of arrays. The running
+statistics of BatchNorm / PowerNorm are a second dict, ``batch_stats`` (``deepnorm.variables``;
+None for every other norm), which the train step updates and checkpoints save with the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from deepnorm import variables
 from deepnorm.config import TransformerConfig
 from deepnorm.training import loss_scale as loss_scale_lib
 from deepnorm.transformer import Transformer
@@ -26,13 +29,15 @@ _DROPOUT_STREAM = 1
 class TrainState:
     """``step`` counts finished updates; ``rng`` is the run's base key (dropout folds in step);
     ``loss_scale`` is ``deepnorm.training.loss_scale``'s ``{"scale", "good_steps"}`` (scale 1
-    and unused unless ``model.dtype="float16"``), checkpointed like everything else."""
+    and unused unless ``model.dtype="float16"``), checkpointed like everything else;
+    ``batch_stats`` the running statistics of batch-statistics norms (None without any)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
     loss_scale: Any = None
+    batch_stats: Any = None
 
 
 def build_model(model_cfg: TransformerConfig, seed: int, admin_batch=None) -> Transformer:
@@ -50,18 +55,20 @@ def abstract_params(model_cfg: TransformerConfig, seed: int = 0):
     """``(graphdef, param_state)`` with shapes only (no FLOPs): the Variables keep their
     logical-axis metadata, which ``deepnorm.partitioning.partition_specs`` reads."""
     model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
-    return nnx.split(model, nnx.Param)
+    graphdef, param_state, _ = nnx.split(model, nnx.Param, ...)
+    return graphdef, param_state
 
 
 def _init_fn(model_cfg: TransformerConfig, tx, seed: int, admin_batch=None,
              loss_scale: float = 1.0):
     def init():
         model = build_model(model_cfg, seed, admin_batch)
-        params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+        _, params, batch_stats = variables.split(model)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params),
                           rng=jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM),
-                          loss_scale=loss_scale_lib.initial_state(loss_scale))
+                          loss_scale=loss_scale_lib.initial_state(loss_scale),
+                          batch_stats=batch_stats)
     return init
 
 

@@ -16,6 +16,8 @@ from flax import nnx
 
 from deepnorm import layerwise
 from deepnorm import norm_probes
+from deepnorm import variables
+from deepnorm.batch_norms import add_backward_updates
 from deepnorm.config import ConfigError
 from deepnorm.training import diagnostics as diagnostics_lib
 from deepnorm.training import loss_scale as loss_scale_lib
@@ -118,12 +120,22 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
     (``deepnorm.norm_probes``; estimators in ``deepnorm.training.noise_scale``): ``gns_grad_sq``
     (|G|^2), ``gns_trace`` (tr Sigma) and ``gns_b_simple`` (their ratio) over all norms, and the
     same per layer as ``gns_*_per_layer`` [N+M]. Needs a batch of at least 2 examples.
+
+    Batch-statistics norms (``state.batch_stats`` not None): the forward pass trains them
+    (batch statistics of the real tokens, running statistics updated) and the new state holds
+    the updated running statistics: the forward pass's updates plus the backward pass's, which
+    come out as the statistics' cotangents (``deepnorm.batch_norms``; PowerNorm's nu). A step
+    dropped as non-finite keeps the old ones. ``grad_accum_steps`` > 1 is refused with them:
+    each micro-batch would be a batch of its own for the statistics.
     """
     scaling = loss_scale_period is not None
     groups = diagnostics_lib.resolve_groups(diagnostics)
     extra_stats = groups & diagnostics_lib.MODEL_GROUPS
 
     def train_step(state: TrainState, batch):
+        if state.batch_stats is not None and grad_accum_steps > 1:
+            raise ConfigError(f"train.grad_accum_steps={grad_accum_steps} with batch-statistics "
+                              "norms (model.norm batchnorm / powernorm) is not supported: use 1")
         dropout_key = jax.random.fold_in(state.rng, state.step)
         scaler = (loss_scale_lib.from_state(state.loss_scale, loss_scale_period) if scaling
                   else jmp.NoOpLossScale())
@@ -132,8 +144,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
         num_tokens = jnp.sum(batch["weights"].astype(jnp.float32))
         denom = jnp.maximum(num_tokens, 1.0)
 
-        def objective(params, probes, micro_batch, key):
-            model = nnx.merge(graphdef, params)
+        def objective(params, probes, batch_stats, micro_batch, key):
+            model = variables.merge(graphdef, params, batch_stats)
             if probes is not None:
                 norm_probes.attach_probes(model, probes)
             total, nll, aux = loss_sums(model, micro_batch, label_smoothing=label_smoothing,
@@ -142,19 +154,26 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
                                         logit_stats="logits" in groups)
             loss = total / denom
             z = aux.pop("z_loss", jnp.zeros(())) / denom
-            return scaler.scale(loss), ((loss, nll / denom, z), aux)
+            new_stats = None if batch_stats is None else variables.batch_stats(model)
+            return scaler.scale(loss), ((loss, nll / denom, z), aux, new_stats)
 
-        value_and_grads = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+        # The batch statistics are differentiated only to collect the updates their backward
+        # pass returns as cotangents; the loss does not depend on them otherwise.
+        value_and_grads = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
         micro_size = batch["inputs"].shape[0] // grad_accum_steps
-        probes = (norm_probes.zero_probes(nnx.merge(graphdef, state.params), micro_size)
+        probes = (norm_probes.zero_probes(
+            variables.merge(graphdef, state.params, state.batch_stats), micro_size)
                   if gns else None)
 
         def grad_fn(micro_batch, key):
             """((loss, nll, z), aux), grads and, with ``gns``, the norm statistics that add up
             over micro-batches: batch gradients of the norm parameters and the per-example
             squared-norm sums, unscaled like the gradients."""
-            (_, (sums, aux)), (grads, probe_grads) = value_and_grads(
-                state.params, probes, micro_batch, key)
+            (_, (sums, aux, new_stats)), (grads, probe_grads, stat_cots) = value_and_grads(
+                state.params, probes, state.batch_stats, micro_batch, key)
+            if new_stats is not None:
+                aux = dict(aux, batch_stats=add_backward_updates(
+                    new_stats, scaler.unscale(stat_cots)))
             if not gns:
                 return (sums, aux), grads, None
             probe_grads = scaler.unscale(probe_grads)
@@ -188,6 +207,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
             keep = lambda new, old: jax.tree.map(  # noqa: E731
                 lambda n, o: jnp.where(finite, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            if state.batch_stats is not None:
+                aux["batch_stats"] = keep(aux["batch_stats"], state.batch_stats)
         metrics = {
             "loss": loss,
             "nll": nll,
@@ -199,7 +220,8 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
         }
         if z_loss:
             metrics["z_loss"] = z
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  batch_stats=aux.pop("batch_stats", None))
         if scaling:
             grads_finite = jnp.isfinite(grad_norm)
             metrics["loss_scale"] = scaler.loss_scale
@@ -214,7 +236,7 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
             metrics["update_norm_per_layer"] = layerwise.per_layer_norm(updates)
             metrics["activation_norm_per_layer"] = activation_norm_per_layer(aux)
         if groups - {"norms"}:
-            arch = nnx.merge(graphdef, state.params).config.arch
+            arch = variables.merge(graphdef, state.params, state.batch_stats).config.arch
             metrics.update(diagnostics_lib.step_metrics(
                 groups, arch=arch, aux=aux, updates=updates, params=state.params,
                 opt_state=opt_state))
@@ -226,11 +248,12 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
 
 
 def make_eval_step(graphdef):
-    """Returns ``eval_step(params, batch) -> metrics`` with the unsmoothed token cross-entropy:
-    ``nll_sum`` and ``num_tokens`` (sums, so batches combine exactly) and their ratio ``loss``."""
+    """Returns ``eval_step(params, batch, batch_stats=None) -> metrics`` with the unsmoothed
+    token cross-entropy: ``nll_sum`` and ``num_tokens`` (sums, so batches combine exactly) and
+    their ratio ``loss``. Batch-statistics norms use the running ``batch_stats``."""
 
-    def eval_step(params, batch):
-        model = nnx.merge(graphdef, params)
+    def eval_step(params, batch, batch_stats=None):
+        model = variables.merge(graphdef, params, batch_stats)
         logits, _ = model_forward(model, batch, deterministic=True)
         total, count = cross_entropy(logits, batch["targets"], batch["weights"])
         return {"nll_sum": total, "num_tokens": count, "loss": total / jnp.maximum(count, 1.0)}
