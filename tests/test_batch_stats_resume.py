@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # for `configs`
@@ -37,6 +38,7 @@ def saved_batch_stats(workdir, step):
     return jax.tree.map(np.asarray, tree["batch_stats"])
 
 
+@pytest.mark.slow  # three train.py runs; test_reliability.py runs the default suite's resume
 def test_sigterm_then_resume_is_bit_identical_statistics_included(tmp_path):
     reference = str(tmp_path / "reference")
     config = decoder_lm.get_config("quick")
