@@ -152,6 +152,10 @@ class TransformerConfig:
         if not self.norm_eps > 0:
             raise ConfigError(f"model.norm_eps={self.norm_eps!r} must be positive")
         scheme = self.scheme
+        if scheme.sphere_qk and self.qk_norm:
+            raise ConfigError(
+                f"model.qk_norm=True with model.residual={self.residual!r}, which normalizes "
+                "q and k itself; set model.qk_norm=False")
         if not scheme.uses_norm and self.norm != "none":
             raise ConfigError(
                 f"model.residual={self.residual!r} uses no normalization but "
