@@ -104,6 +104,8 @@ def _bare(norm: nnx.Module, kind: str | None = None) -> nnx.Module:
     bare = cls(1, eps=getattr(norm, "eps", 0.0), affine=False)
     if isinstance(norm, DyT):
         bare.alpha = norm.alpha
+    if hasattr(norm, "factor") and hasattr(bare, "factor"):  # UnitNorm's D^(k/2), set by D
+        bare.factor = norm.factor
     return bare
 
 

@@ -71,7 +71,8 @@ class Attention(nnx.Module):
         self.key = Dense(d, d, gain=gains["key"], axes=("embed", "heads"), **kw)
         self.value = Dense(d, d, gain=gains["value"], axes=("embed", "heads"), **kw)
         self.out = Dense(d, d, gain=gains["out"], axes=("heads", "embed"), **kw)
-        self.inner_norm = make_norm(cfg.norm, d, eps=cfg.norm_eps) if inner_norm else None
+        self.inner_norm = (make_norm(cfg.norm, d, eps=cfg.norm_eps, unitnorm_k=cfg.unitnorm_k)
+                           if inner_norm else None)
         self.head_scale = (nnx.Param(jnp.ones((cfg.num_heads,), jnp.float32), axes=(None,))
                            if head_scale else None)
         qk = lambda: RMSNorm(d // cfg.num_heads, eps=cfg.norm_eps)  # noqa: E731
@@ -189,7 +190,8 @@ class FeedForward(nnx.Module):
                             **kw)
         self.ffn_out = Dense(cfg.d_ff, cfg.d_model, gain=gains["ffn_out"],
                              axes=("mlp", "embed"), **kw)
-        self.inner_norm = make_norm(cfg.norm, cfg.d_ff, eps=cfg.norm_eps) if inner_norm else None
+        self.inner_norm = (make_norm(cfg.norm, cfg.d_ff, eps=cfg.norm_eps,
+                                     unitnorm_k=cfg.unitnorm_k) if inner_norm else None)
         self.scale = (nnx.Param(jnp.ones((cfg.d_ff,), jnp.float32), axes=("mlp",))
                       if scale else None)
 

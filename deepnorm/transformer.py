@@ -168,7 +168,8 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, scaled, inner_norm=FFN in scheme.inner_norm,
                                scale=scheme.ffn_scale, rngs=rngs)
         num_layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
-        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,  # noqa: E731
+                                 unitnorm_k=cfg.unitnorm_k)
         count = len(self.sublayer_names)
         for i, name in enumerate(self.sublayer_names):
             kind = sublayer_kind(name)
@@ -317,7 +318,8 @@ class Stack(nnx.Module):
                          rngs=rngs)
 
         self.layers = make_layers(rngs, jnp.arange(1, self.num_layers + 1, dtype=jnp.float32))
-        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)  # noqa: E731
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,  # noqa: E731
+                                 unitnorm_k=cfg.unitnorm_k)
         self.input_norm = norm() if cfg.scheme.input_norm else None
         self.final_norm = norm() if cfg.scheme.final_norm else None
 

@@ -168,3 +168,13 @@ def test_ngpt_refuses_a_norm_and_qk_norm_with_one_line():
 def test_project_is_declared_on_the_scheme_only():
     assert get("ngpt").project is not None
     assert all(get(n).project is None for n in ("pre", "post", "deepnorm"))
+
+
+def test_fold_norms_has_nothing_to_fold_and_keeps_the_logits():
+    from deepnorm.export import fold_norms
+    model = perturb(Transformer(config(), rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(1, VOCAB, (2, 6)), jnp.int32)
+    folded, report = fold_norms(model, untie_head=True, strict=True)
+    assert report.folded == [] and report.remaining == []
+    np.testing.assert_allclose(np.asarray(folded(tokens)[0]), np.asarray(model(tokens)[0]),
+                               **TOL)
