@@ -122,8 +122,8 @@ def test_unitnorm_k_sets_the_output_norm(k):
     y = np.asarray(norm(jnp.asarray(x)))
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), D ** (k / 2), rtol=1e-5)
     p = _randomize(norm, rng)
-    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), _unitnorm(x.astype(np.float64), p, k),
-                               rtol=1e-5, atol=1e-5)
+    want = _unitnorm(x.astype(np.float64), p, k)
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
 
 
 def test_unitnorm_k_is_a_model_config_value():
