@@ -12,7 +12,8 @@ from typing import Any, Mapping
 from deepnorm import residual as residual_lib
 
 ARCHS = ("encoder", "decoder", "encoder_decoder")
-NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "none", "batchnorm", "powernorm")
+NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "unitnorm", "none", "batchnorm",
+         "powernorm")
 # The norms with batch statistics (deepnorm.batch_norms): running statistics in the train state.
 BATCH_STAT_NORMS = ("batchnorm", "powernorm")
 # The residual schemes declared in deepnorm.residual, in declaration order, as of import; the
@@ -71,6 +72,8 @@ class TransformerConfig:
     # residual="rescaled": lambda in LN(lambda x + F(x)) (Liu et al.; 1 is Post-LN). 2 is this
     # codebase's default, not a value from the paper.
     skip_lambda: float = 2.0
+    # norm="unitnorm": k in D^(k/2) x / ||x|| (Huang et al. 2024); 1 gives RMSNorm's output size.
+    unitnorm_k: float = 1.0
     # QK-norm, orthogonal to the residual scheme: an RMSNorm with a learned scale over each
     # head's query and key before their dot product (deepnorm.layers.Attention).
     qk_norm: bool = False
@@ -147,7 +150,7 @@ class TransformerConfig:
         self._check_layer_counts()
         if not isinstance(self.qk_norm, bool):
             raise ConfigError(f"model.qk_norm={self.qk_norm!r} must be True or False")
-        for name in ("mixln_fraction", "dropout_rate", "norm_eps", "skip_lambda"):
+        for name in ("mixln_fraction", "dropout_rate", "norm_eps", "skip_lambda", "unitnorm_k"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"model.{name}={value!r} must be a number")
@@ -161,6 +164,10 @@ class TransformerConfig:
             raise ConfigError(f"model.norm_eps={self.norm_eps!r} must be positive")
         self._check_batch_stats()
         scheme = self.scheme
+        if scheme.sphere_qk and self.qk_norm:
+            raise ConfigError(
+                f"model.qk_norm=True with model.residual={self.residual!r}, which normalizes "
+                "q and k itself; set model.qk_norm=False")
         if not scheme.uses_norm and self.norm != "none":
             raise ConfigError(
                 f"model.residual={self.residual!r} uses no normalization but "

@@ -31,7 +31,7 @@ from flax import nnx
 from deepnorm.initializers import layer_constants
 from deepnorm import residual as residual_lib
 from deepnorm.layers import Dense
-from deepnorm.norms import NORM_CLASSES, DyT, Identity, LayerNorm, RMSNorm, ScaleNorm
+from deepnorm.norms import NORM_CLASSES, DyT, Identity, LayerNorm, RMSNorm, ScaleNorm, UnitNorm
 
 # Where each scheme puts a Block's ``{sublayer}_norm`` is its declaration's ``norm_feeds``
 # (deepnorm.residual): "branch" folds into the branch's first projections, "stream" and
@@ -44,8 +44,8 @@ BRANCH_READERS = {"self_attn": ("query", "key", "value"), "cross_attn": ("query"
 BRANCH_WRITER = {"self_attn": "out", "cross_attn": "out", "ffn": "ffn_out"}
 
 # Norms whose gain (and bias) come after the normalization, so they fold; ScaleNorm's gain is a
-# scalar, DyT's alpha is inside the tanh and stays.
-FOLDABLE_NORMS = (LayerNorm, RMSNorm, ScaleNorm, DyT)
+# scalar, DyT's alpha is inside the tanh and stays, UnitNorm keeps its D^(k/2).
+FOLDABLE_NORMS = (LayerNorm, RMSNorm, ScaleNorm, DyT, UnitNorm)
 
 STREAM_REASON = ("the norm's output is the residual stream, which the next sublayer reads and "
                  "also carries on its skip path (scaled by alpha / omega in deepnorm / admin): "
@@ -104,6 +104,8 @@ def _bare(norm: nnx.Module, kind: str | None = None) -> nnx.Module:
     bare = cls(1, eps=getattr(norm, "eps", 0.0), affine=False)
     if isinstance(norm, DyT):
         bare.alpha = norm.alpha
+    if isinstance(norm, UnitNorm) and isinstance(bare, UnitNorm):  # D^(k/2): D of the norm
+        bare.factor = norm.factor
     return bare
 
 

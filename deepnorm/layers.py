@@ -18,6 +18,7 @@ from deepnorm import ops
 from deepnorm.initializers import xavier_normal
 from deepnorm.batch_norms import BatchContext, apply_norm
 from deepnorm.norms import RMSNorm, config_norm
+from deepnorm.residual import l2_normalize, ngpt_scale
 
 
 class Dense(nnx.Module):
@@ -56,11 +57,13 @@ class Attention(nnx.Module):
     heads, just before the output projection; ``head_scale`` NormFormer's learned scalar per
     head (1 at init) at the same place. ``cfg.qk_norm``: QK-norm, an RMSNorm over each head's
     query and key vector (learned per-dimension scale, shared by the heads) before the dot
-    product, so no logit exceeds sqrt(head_dim) times the scales at init.
+    product, so no logit exceeds sqrt(head_dim) times the scales at init. ``sphere_qk``:
+    nGPT's s_qk Norm(q) and s_qk Norm(k) per head (s_qk [H, K], stored 1/sqrt(d_model), used
+    times sqrt(d_model)) and softmax scale sqrt(K) instead of 1/sqrt(K).
     """
 
     def __init__(self, cfg, gains: dict, *, inner_norm: bool, head_scale: bool = False,
-                 rngs: nnx.Rngs):
+                 sphere_qk: bool = False, rngs: nnx.Rngs):
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, precision=cfg.matmul_precision)
         self.num_heads, self.impl, self.dtype = cfg.num_heads, cfg.attention_impl, dtype
@@ -74,9 +77,24 @@ class Attention(nnx.Module):
                            if head_scale else None)
         qk = lambda: RMSNorm(d // cfg.num_heads, eps=cfg.norm_eps)  # noqa: E731
         self.query_norm, self.key_norm = (qk(), qk()) if cfg.qk_norm else (None, None)
+        self.qk_scale = (nnx.Param(jnp.full((cfg.num_heads, d // cfg.num_heads),
+                                            ngpt_scale(d), jnp.float32), axes=(None, None))
+                         if sphere_qk else None)
 
-    def _normed(self, norm, x_BxTxHxK):
-        return x_BxTxHxK if norm is None else norm(x_BxTxHxK)
+    def _sphere(self, x_BxTxHxK):
+        s = self.qk_scale[...] / ngpt_scale(self.qk_scale.shape[0] * self.qk_scale.shape[1])
+        return s * l2_normalize(x_BxTxHxK)
+
+    def _q(self, q_BxTxHxK):
+        if self.qk_scale is not None:
+            # ops.attention divides the logits by sqrt(K): a query times K makes that sqrt(K).
+            return self._sphere(q_BxTxHxK) * q_BxTxHxK.shape[-1]
+        return q_BxTxHxK if self.query_norm is None else self.query_norm(q_BxTxHxK)
+
+    def _k(self, k_BxSxHxK):
+        if self.qk_scale is not None:
+            return self._sphere(k_BxSxHxK)
+        return k_BxSxHxK if self.key_norm is None else self.key_norm(k_BxSxHxK)
 
     def _mix_heads(self, o_BxTxHxK: jax.Array, norm_ctx: BatchContext | None = None) -> jax.Array:
         """The heads, concatenated and projected out (with the scheme's head scales and inner
@@ -105,7 +123,7 @@ class Attention(nnx.Module):
         s = k.shape[1]
         q, k, v = (q.reshape(b, t, h, d // h), k.reshape(b, s, h, d // h),
                    v.reshape(b, s, h, d // h))
-        q, k = self._normed(self.query_norm, q), self._normed(self.key_norm, k)
+        q, k = self._q(q), self._k(k)
         kw = dict(mask=mask_Bx1xTxS, causal=causal, impl=self.impl, dtype=self.dtype,
                   precision=self.precision)
         if stats_out is None:
@@ -124,7 +142,7 @@ class Attention(nnx.Module):
         b, s, d = context_BxSxD.shape
         k, v = fused_projection((self.key, self.value), context_BxSxD)
         h = self.num_heads
-        return self._normed(self.key_norm, k.reshape(b, s, h, d // h)), v.reshape(b, s, h, d // h)
+        return self._k(k.reshape(b, s, h, d // h)), v.reshape(b, s, h, d // h)
 
     def cached_self_attention(self, x_BxTxD, cache_k, cache_v, index):
         """Causal self-attention of T new positions ``index .. index + T - 1`` against a cache
@@ -134,7 +152,7 @@ class Attention(nnx.Module):
         h = self.num_heads
         q, k, v = fused_projection((self.query, self.key, self.value), x_BxTxD)
         q, k, v = (y.reshape(b, t, h, d // h) for y in (q, k, v))
-        q, k = self._normed(self.query_norm, q), self._normed(self.key_norm, k)
+        q, k = self._q(q), self._k(k)
         start = (0, index, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
@@ -149,7 +167,7 @@ class Attention(nnx.Module):
         """Cross-attention of the stream to precomputed keys and values (``context_kv``)."""
         b, t, d = x_BxTxD.shape
         q = self.query(x_BxTxD).reshape(b, t, self.num_heads, d // self.num_heads)
-        q = self._normed(self.query_norm, q)
+        q = self._q(q)
         return self._finish(q, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS)
 
     def _finish(self, q, k, v, mask):
@@ -158,9 +176,12 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """act(x W1 + b1) W2 + b2; ``inner_norm`` is SubLN's norm after the activation."""
+    """act(x W1 + b1) W2 + b2; ``inner_norm`` is SubLN's norm after the activation;
+    ``scale``: nGPT's act(s_v sqrt(d_model) (x W1 + b1)) W2 + b2, s_v [d_ff] learned, 1 at init
+    (the sqrt(d_model) undoes the unit-norm rows' cosine scale, so act sees O(1) inputs)."""
 
-    def __init__(self, cfg, gains: dict, *, inner_norm: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, gains: dict, *, inner_norm: bool, scale: bool = False,
+                 rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         kw = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, precision=cfg.matmul_precision)
         self.act = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
@@ -169,8 +190,12 @@ class FeedForward(nnx.Module):
         self.ffn_out = Dense(cfg.d_ff, cfg.d_model, gain=gains["ffn_out"],
                              axes=("mlp", "embed"), **kw)
         self.inner_norm = config_norm(cfg, cfg.d_ff) if inner_norm else None
+        self.scale = (nnx.Param(jnp.ones((cfg.d_ff,), jnp.float32), axes=("mlp",))
+                      if scale else None)
 
     def __call__(self, x_BxTxD: jax.Array, norm_ctx: BatchContext | None = None) -> jax.Array:
         """``norm_ctx``: the batch context of a batch-statistics inner norm (None: eval)."""
-        h = self.act(self.ffn_in(x_BxTxD))
-        return self.ffn_out(apply_norm(self.inner_norm, h, norm_ctx))
+        h = self.ffn_in(x_BxTxD)
+        if self.scale is not None:  # nGPT's s_v, times sqrt(d_model) (deepnorm.residual.ngpt)
+            h = h * (self.scale[...] * x_BxTxD.shape[-1] ** 0.5)
+        return self.ffn_out(apply_norm(self.inner_norm, self.act(h), norm_ctx))

@@ -120,6 +120,31 @@ class ScaleNorm(nnx.Module):
         return _gain(_param(self, "scale", x), h / jnp.maximum(norm, self.eps)).astype(x.dtype)
 
 
+class UnitNorm(nnx.Module):
+    """y = g * D^(k/2) x / max(||x||_2, eps) + b (Huang, Kuemmerle & Zhang 2024, "UnitNorm:
+    Rethinking Normalization for Transformers in Time Series", arXiv 2405.15903).
+
+    No centering, so the signs of dot products in attention survive; k (``model.unitnorm_k``)
+    sets the output norm D^(k/2) and with it how peaked attention can get (k = 1: the norm of
+    RMSNorm's output, sqrt(D); k = 0: unit vectors). The paper's equation is the division
+    and the D^(k/2); g and b per feature are this codebase's reading of it as a LayerNorm
+    variant, and eps only bounds the division for an all-zero vector.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, affine: bool = True, k: float = 1.0,
+                 rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps, self.factor = eps, float(dim) ** (k / 2)
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("norm",)) if affine else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _f32(x)
+        norm = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1, keepdims=True))
+        y = self.factor * h / jnp.maximum(norm, self.eps)
+        return _shift(_param(self, "bias", x), _gain(_param(self, "scale", x), y)).astype(x.dtype)
+
+
 class DyT(nnx.Module):
     """Dynamic Tanh: y = gamma * tanh(alpha * x) + beta, scalar alpha initialised to 0.5.
 
@@ -161,6 +186,7 @@ NORM_CLASSES = {
     "rmsnorm": RMSNorm,
     "scalenorm": ScaleNorm,
     "dyt": DyT,
+    "unitnorm": UnitNorm,
     "none": Identity,
 }
 
@@ -172,10 +198,11 @@ import deepnorm.batch_norms  # noqa: E402,F401
 
 
 def make_norm(kind: str, dim: int, *, eps: float = 1e-5, affine: bool = True,
-              momentum: float = 0.9, warmup: int = 0) -> nnx.Module:
+              momentum: float = 0.9, warmup: int = 0, unitnorm_k: float = 1.0) -> nnx.Module:
     """The norm named by ``model.norm`` (``affine=False``: without gain and bias); unknown
     names are a one-line error. ``momentum`` and ``warmup`` are the running statistics' of
-    the batch-statistics norms (``model.norm_momentum``, ``model.norm_warmup``)."""
+    the batch-statistics norms (``model.norm_momentum``, ``model.norm_warmup``),
+    ``unitnorm_k`` UnitNorm's k (``model.unitnorm_k``); the other norms ignore them."""
     try:
         cls = NORM_CLASSES[kind]
     except KeyError:
@@ -183,10 +210,12 @@ def make_norm(kind: str, dim: int, *, eps: float = 1e-5, affine: bool = True,
             f"norm {kind!r} is not one of {', '.join(NORM_CLASSES)}") from None
     if issubclass(cls, BatchStatNorm):
         return cls(dim, eps=eps, affine=affine, momentum=momentum, warmup=warmup)
+    if cls is UnitNorm:
+        return cls(dim, eps=eps, affine=affine, k=unitnorm_k)
     return cls(dim, eps=eps, affine=affine)
 
 
 def config_norm(cfg, dim: int) -> nnx.Module:
     """``model.norm`` of width ``dim`` with the model's epsilon and running-statistic options."""
     return make_norm(cfg.norm, dim, eps=cfg.norm_eps, momentum=cfg.norm_momentum,
-                     warmup=cfg.norm_warmup)
+                     warmup=cfg.norm_warmup, unitnorm_k=cfg.unitnorm_k)

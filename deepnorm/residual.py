@@ -13,6 +13,12 @@ A :class:`Scheme` holds everything a placement needs, and is the only place that
 ``params``     its extra learned parameters per sublayer and their init (gate, omega, ...)
 ``constants``  its layer-index constants, arrays scanned with the weights
 ``init``       what ``model.init="auto"`` means for it
+``sphere_qk`` ...  pieces outside the block (nGPT): per-head unit q and k with a learned
+               scale (``sphere_qk``), a learned scale on the FFN's pre-activation
+               (``ffn_scale``), on the logits (``logit_scale``), a map of the embedding output
+               before the first layer (``embed_map``), and ``project(params) -> params``, which
+               the training step applies after every optimizer update (and the model once at
+               init)
 ``norm_feeds`` what the output of ``norm`` feeds, for folding it away (deepnorm.export):
                ``"branch"`` (only the branch's first projections), ``"stream"`` (it is the
                residual stream), ``"mixed"`` (by layer); ``centerable`` whether LayerNorm's
@@ -147,6 +153,18 @@ class Scheme:
     # The stack's output is its final norm's output (so the norm's affine folds into the head
     # or the cross-attention); False where `merge` adds another stream to it (ResiDual).
     final_norm_is_output: bool = True
+    # nGPT's pieces outside the block (deepnorm.layers, deepnorm.transformer):
+    # q and k of every head L2-normalized and scaled by a learned s_qk, softmax scale sqrt(K);
+    sphere_qk: bool = False
+    # the FFN's pre-activation multiplied by a learned s_v [d_ff] times sqrt(d_model);
+    ffn_scale: bool = False
+    # the logits multiplied by a learned s_z [vocab];
+    logit_scale: bool = False
+    # embed_map(x_BxTxD): the stream entering the first layer from the embedding output;
+    embed_map: Callable | None = None
+    # project(params) -> params on the pure-dict parameter tree, applied after every optimizer
+    # update by the training step (deepnorm.training.steps) and once by the model at init.
+    project: Callable | None = None
 
     @property
     def uses_norm(self) -> bool:
@@ -159,6 +177,8 @@ class Scheme:
 
     def enter(self, x_BxTxD: Array, num_layers: int) -> Array:
         """The stream(s) entering the first of the stack's ``num_layers`` layers."""
+        if self.embed_map is not None:
+            x_BxTxD = self.embed_map(x_BxTxD)
         if self.carry is not None:
             return self.carry(x_BxTxD, num_layers)
         if self.streams == 1:
@@ -529,3 +549,81 @@ register(Scheme("dlcl", "DLCL", "#e7ba52", layer=dlcl, norm_out=frozenset({FFN})
                 merge=lambda x, final_norm: final_norm(x[0]),
                 params=(Param("dlcl", dlcl_init, shape="history", kinds=frozenset({FFN}),
                               per_layer=True),)))
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """x / ||x||_2 over the last axis, computed in float32 (nGPT's Norm; eps only keeps an
+    all-zero vector finite)."""
+    h = x.astype(jnp.float32)
+    return (h * jax.lax.rsqrt(jnp.maximum(jnp.sum(h * h, axis=-1, keepdims=True), eps))
+            ).astype(x.dtype)
+
+
+# nGPT's reparameterization of a learned vector s (Loshchilov et al. 2024, Sec. 2.6): stored
+# as s_scale at init and used as s * (s_init / s_scale), so that Adam's step on it has the
+# size it has on the unit-norm weights. alpha: s_init 0.05, s_scale 1/sqrt(d_model).
+NGPT_ALPHA_INIT = 0.05
+
+
+def ngpt_scale(d_model: int) -> float:
+    """s_scale = 1/sqrt(d_model), the stored init of alpha, s_qk and s_z."""
+    return d_model ** -0.5
+
+
+def ngpt(x, s, c):
+    """nGPT (Loshchilov et al. 2024, arXiv 2410.01131, eqs. 10-11): h on the unit sphere;
+    h <- Norm(h + alpha (Norm(F(h)) - h)), Norm(x) = x / ||x||, alpha learned per feature.
+
+    alpha = stored * (alpha_init / alpha_scale), alpha_init 0.05, alpha_scale 1/sqrt(d_model),
+    the paper's reading (the reference code also takes |alpha|; here alpha is used as is).
+    The rest of nGPT is declared in the other fields: the embedding output is L2-normalized
+    (``embed_map``; with this codebase's additive sin/cos or learned positions, not RoPE: the
+    token row times sqrt(d) plus the position vector, then Norm), q and k per head (``sphere_qk``:
+    s_qk Norm(q), s_qk Norm(k), s_qk [H, K] with init 1 / scale 1/sqrt(d_model), softmax scale
+    sqrt(K)), the FFN (``ffn_scale``: s_v [d_ff] with init 1 / scale 1, times sqrt(d_model), on
+    the pre-activation), the logits (``logit_scale``: s_z [vocab], init 1 / scale
+    1/sqrt(d_model)), and every weight matrix and the embedding normalized along d_model after
+    each optimizer step (``project``: ``ngpt_project``). No norm layers (model.norm="none").
+
+    Left out: the paper's FFN is SwiGLU with scales s_u on the gate-free half u and s_v on the
+    SiLU input; this codebase's FFN is act(x W1) W2 (GELU / ReLU), which has no u, so only s_v
+    (on act's input) exists and s_u has nowhere to go. Biases (model.use_bias) are kept if the
+    config has them (nGPT has none; set model.use_bias=False for the paper's model). Weight
+    decay and warmup are the optimizer config's (the paper uses neither).
+    """
+    alpha = s.alpha * (NGPT_ALPHA_INIT / ngpt_scale(x.shape[-1]))
+    return l2_normalize(x + alpha * (l2_normalize(s.f(x)) - x))
+
+
+# The matrices nGPT keeps unit-norm along d_model, by the last two names on their path in the
+# parameter tree and the axis of d_model there (kernels are [fan_in, fan_out], stacked
+# layers add a leading axis): the projections reading the stream (embed on fan_in, axis -2),
+# those writing to it (embed on fan_out, axis -1), the embedding [vocab, d] and the head.
+NGPT_UNIT_AXES = {("query", "kernel"): -2, ("key", "kernel"): -2, ("value", "kernel"): -2,
+                  ("ffn_in", "kernel"): -2, ("out", "kernel"): -1, ("ffn_out", "kernel"): -1,
+                  ("head", "kernel"): -2}
+
+
+def _path_names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def ngpt_project(params):
+    """Every weight matrix of ``NGPT_UNIT_AXES`` and the embedding ``embed`` [vocab, d]
+    L2-normalized along d_model (the reference's ``normalize_matrices``); other leaves as they
+    are."""
+    def one(path, w):
+        names = _path_names(path)
+        if names == ("embed",):
+            return l2_normalize(w)
+        axis = NGPT_UNIT_AXES.get(names[-2:])
+        if axis is None:
+            return w
+        return jnp.moveaxis(l2_normalize(jnp.moveaxis(w, axis, -1)), -1, axis)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+register(Scheme("ngpt", "nGPT", "#31a354", ngpt, norm=NONE, sphere_qk=True, ffn_scale=True,
+                logit_scale=True, embed_map=l2_normalize, project=ngpt_project,
+                params=(Param("alpha", lambda cfg, layers, k: ngpt_scale(cfg.d_model),
+                              shape="d_model"),)))

@@ -162,10 +162,12 @@ class Block(nnx.Module):
         gains = role_gains(cfg, stack) if gains is None else gains
         scaled = {role: g * layer_gain(cfg, layer_index) for role, g in gains.items()}
         self.sublayer_names = ("self_attn", "cross_attn", "ffn") if cross else ("self_attn", "ffn")
-        attn = dict(inner_norm=ATTN in scheme.inner_norm, head_scale=scheme.head_scale)
+        attn = dict(inner_norm=ATTN in scheme.inner_norm, head_scale=scheme.head_scale,
+                    sphere_qk=scheme.sphere_qk)
         self.self_attn = Attention(cfg, scaled, **attn, rngs=rngs)
         self.cross_attn = Attention(cfg, scaled, **attn, rngs=rngs) if cross else None
-        self.ffn = FeedForward(cfg, scaled, inner_norm=FFN in scheme.inner_norm, rngs=rngs)
+        self.ffn = FeedForward(cfg, scaled, inner_norm=FFN in scheme.inner_norm,
+                               scale=scheme.ffn_scale, rngs=rngs)
         num_layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
         norm = lambda: config_norm(cfg, cfg.d_model)  # noqa: E731
         count = len(self.sublayer_names)
@@ -469,6 +471,14 @@ class Transformer(nnx.Module):
                      Dense(d, cfg.vocab_size, gain=1.0, axes=("embed", "vocab"), use_bias=False,
                            precision=cfg.matmul_precision,
                            dtype=jnp.dtype(cfg.dtype), rngs=rngs))
+        # nGPT's s_z per vocabulary entry: stored 1/sqrt(d), used times sqrt(d) (1 at init).
+        self.logit_scale = (nnx.Param(jnp.full((cfg.vocab_size,), residual_lib.ngpt_scale(d),
+                                               jnp.float32), axes=("vocab",))
+                            if cfg.scheme.logit_scale else None)
+        if cfg.scheme.project is not None:  # the scheme's weight constraint holds from step 0
+            state = nnx.state(self, nnx.Param)
+            nnx.replace_by_pure_dict(state, cfg.scheme.project(nnx.to_pure_dict(state)))
+            nnx.update(self, state)
 
     def _embed(self, tokens_BxT, key, *, offset=None, table_len=None):
         """Token plus position embeddings; ``offset`` (a traced index) and ``table_len`` (the
@@ -493,10 +503,14 @@ class Transformer(nnx.Module):
 
     def _logits(self, x_BxTxD):
         if self.head is not None:
-            return self.head(x_BxTxD).astype(jnp.float32)
-        # Tied head: the embedding's transpose, in the compute dtype like every other matmul.
-        return matmul(x_BxTxD, self.embed[...], jnp.dtype(self.config.dtype), kernel_axis=1,
-                      precision=self.config.matmul_precision)
+            logits = self.head(x_BxTxD).astype(jnp.float32)
+        else:
+            # Tied head: the embedding's transpose, in the compute dtype like every other matmul.
+            logits = matmul(x_BxTxD, self.embed[...], jnp.dtype(self.config.dtype),
+                            kernel_axis=1, precision=self.config.matmul_precision)
+        if self.logit_scale is not None:
+            logits = logits * (self.logit_scale[...] / residual_lib.ngpt_scale(x_BxTxD.shape[-1]))
+        return logits
 
     def __call__(self, inputs_BxT, decoder_inputs_BxT=None, *, deterministic: bool = True,
                  dropout_key: jax.Array | None = None, extra_stats=()):

@@ -12,7 +12,8 @@ ENC_DEC = dict(VALID, arch="encoder_decoder", num_layers=0, num_encoder_layers=2
 BAD = [
     ("unknown_arch", dict(arch="gpt"), r"model\.arch='gpt'.*encoder, decoder, encoder_decoder"),
     ("unknown_norm", dict(norm="groupnorm"),
-     r"model\.norm='groupnorm'.*layernorm, rmsnorm, scalenorm, dyt, none, batchnorm, powernorm"),
+     r"model\.norm='groupnorm'.*layernorm, rmsnorm, scalenorm, dyt, unitnorm, none, batchnorm, "
+     r"powernorm"),
     ("norm_momentum_out_of_range", dict(norm="batchnorm", norm_momentum=1.0),
      r"model\.norm_momentum=1\.0 must be a number in \[0, 1\)"),
     ("norm_warmup_negative", dict(norm="powernorm", norm_warmup=-1),
@@ -65,7 +66,7 @@ BAD = [
      r"model\.residual='fixup' uses no normalization but model\.norm='rmsnorm'; set "
      r"model\.norm='none'"),
     ("no_norm_with_normformer", dict(residual="normformer", norm="none"),
-     r"model\.norm='none' only makes sense with residual post, rezero, fixup .*'normformer'"),
+     r"model\.norm='none' only makes sense with residual post, rezero, fixup, ngpt .*'normformer'"),
     ("skip_lambda_zero", dict(residual="rescaled", skip_lambda=0.0),
      r"model\.skip_lambda=0\.0 must be positive"),
     ("skip_lambda_text", dict(skip_lambda="2"), r"model\.skip_lambda='2' must be a number"),

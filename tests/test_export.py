@@ -27,7 +27,7 @@ V = 40
 FULL = {"pre", "subln", "lnscale", "layerscale", "deepscale", "hyper"}
 CENTERED = {"pre", "subln", "lnscale", "deepscale", "hyper"}
 PARTLY = {"sandwich", "peri", "mixln", "normformer", "respost", "dlcl"}
-NONE = {"post", "deepnorm", "admin", "b2t", "rezero", "fixup", "rescaled", "resi_dual"}
+NONE = {"post", "deepnorm", "admin", "b2t", "rezero", "fixup", "rescaled", "resi_dual", "ngpt"}
 NORM_FREE = {r for r in RESIDUALS if not residual_lib.get(r).uses_norm}  # rezero, fixup
 
 

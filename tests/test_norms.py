@@ -2,7 +2,7 @@
 
 The references are the papers' one-line definitions written in NumPy: LayerNorm (Ba et al.
 2016), RMSNorm (Zhang & Sennrich 2019), ScaleNorm (Nguyen & Salazar 2019, g init sqrt(d)),
-DyT (Zhu et al. 2025, alpha init 0.5).
+DyT (Zhu et al. 2025, alpha init 0.5), UnitNorm (Huang et al. 2024, D^(k/2) x / ||x||).
 """
 
 import math
@@ -35,8 +35,14 @@ def _dyt(x, p):
     return p["scale"] * np.tanh(p["alpha"] * x) + p["bias"]
 
 
+def _unitnorm(x, p, k=1.0):
+    unit = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
+    return x.shape[-1] ** (k / 2) * unit * p["scale"] + p["bias"]
+
+
 REFERENCES = {
     "layernorm": _layernorm, "rmsnorm": _rmsnorm, "scalenorm": _scalenorm, "dyt": _dyt,
+    "unitnorm": _unitnorm,
     "none": lambda x, p: x,
 }
 
@@ -104,3 +110,29 @@ def test_scalenorm_at_init_gives_unit_rms():
 def test_make_norm_rejects_unknown_name():
     with pytest.raises(ValueError, match="'groupnorm'.*layernorm.*powernorm"):
         norms.make_norm("groupnorm", D)
+
+
+@pytest.mark.parametrize("k", [0.0, 0.5, 2.0])
+def test_unitnorm_k_sets_the_output_norm(k):
+    """k = 0: unit vectors; the output norm is D^(k/2) (gain 1, bias 0), against NumPy with
+    the affine off its init too."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.5, 2.0, (3, 5, D)).astype(np.float32)
+    norm = norms.make_norm("unitnorm", D, eps=EPS, unitnorm_k=k)
+    y = np.asarray(norm(jnp.asarray(x)))
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), D ** (k / 2), rtol=1e-5)
+    p = _randomize(norm, rng)
+    want = _unitnorm(x.astype(np.float64), p, k)
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unitnorm_k_is_a_model_config_value():
+    from flax import nnx
+    from deepnorm import Transformer, TransformerConfig
+    from deepnorm.config import ConfigError
+    cfg = TransformerConfig(arch="decoder", num_layers=1, d_model=D, num_heads=2, d_ff=32,
+                            norm="unitnorm", unitnorm_k=0.0, residual="pre")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.decoder.final_norm.factor == 1.0
+    with pytest.raises(ConfigError, match="unitnorm_k"):
+        TransformerConfig(arch="decoder", num_layers=1, norm="unitnorm", unitnorm_k="big")

@@ -201,6 +201,11 @@ def make_train_step(graphdef, tx, *, label_smoothing: float = 0.0, diagnostics=T
         grads = scaler.unscale(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A scheme's constraint on the weights (nGPT: unit-norm matrices) after every update.
+        project = variables.merge(graphdef, state.params,
+                                  state.batch_stats).config.scheme.project
+        if project is not None:
+            params = project(params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite or scaling:  # an overflowing float16 step is always dropped
