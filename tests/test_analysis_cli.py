@@ -106,6 +106,13 @@ def test_defaults_are_the_commands_paper_setups():
     del want["learning_rate"], want["warmup_steps"]
     assert config.optimizer.to_dict() == want
     assert set(settings.FIELDS["stability-map"]) == set(config.analysis)
+    # depth-sweep shares the stability map's blocks, so both can fill one cells directory.
+    _, sweep = cli.load(["depth-sweep", OUT])
+    values, _ = cli.check("depth-sweep", sweep)
+    assert values["dtypes"] == ["float32", "float16"] and values["float16_max_depth"] == 12
+    assert set(settings.FIELDS["depth-sweep"]) == set(sweep.analysis)
+    for block in ("model", "optimizer", "data"):
+        assert sweep[block].to_dict() == config[block].to_dict()
 
 
 def test_overrides_and_an_experiments_model(monkeypatch):

@@ -52,7 +52,8 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     grid = dict(schemes=["pre"], depths=[1], warmups=[0], seeds=[0], log=lambda _: None,
                 **SIZES)
     first = stability_map.run(BASE, out=tmp_path, lrs=[1e-3, 1e-2], **grid)
-    keys = {"residual", "num_layers", "warmup_steps", "peak_lr", "seed", "num_steps",
+    keys = {"residual", "num_layers", "dtype", "overflow_steps", "final_loss_scale",
+            "warmup_steps", "peak_lr", "seed", "num_steps",
             "diverged", "diverged_at_step", "final_loss", "final_train_loss", "initial_loss",
             "row_seconds"}
     assert [set(c) for c in first] == [keys, keys]

@@ -5,6 +5,8 @@ Commands (each writes OUT/<command>.json, OUT/<command>.png and OUT/<command>.me
 ``grad-norms``     Xiong et al. 2020 Fig. 3: expected gradient norm per layer at init.
 ``update-norms``   DeepNet Fig. 4-5: ||F(x, theta_t) - F(x, theta_0)|| over early training.
 ``stability-map``  residual x depth x peak lr x warmup: final loss or divergence.
+``depth-sweep``    scheme x depth x precision (float32 / float16 with loss scaling) on the
+                   byte LM: final loss, divergence and its step (DeepNet Table 1, Fig. 1).
 ``signal-prop``    per layer at init: token cosine similarity (rank collapse), stream norm
                    growth, branch-to-skip ratio, every scheme, up to 1,000 layers.
 ``gns``            Gray et al. 2024: the norm layers' gradient noise scale against the whole
@@ -39,7 +41,8 @@ from deepnorm.analysis import settings as settings_lib
 from deepnorm.config import ConfigError, TransformerConfig
 from deepnorm.training.platform import resolve_model_config
 
-COMMANDS = ("grad-norms", "update-norms", "stability-map", "signal-prop", "gns")
+COMMANDS = ("grad-norms", "update-norms", "stability-map", "depth-sweep", "signal-prop",
+            "gns")
 PROG = "python -m deepnorm.analysis"
 REPO = pathlib.Path(__file__).resolve().parents[2]  # holds configs/ (an editable install)
 EXIT_BAD_INPUT = 2
@@ -136,6 +139,9 @@ def check(command: str, config) -> tuple[dict, TransformerConfig]:
     for depth in values["depths"]:
         for scheme in values["residuals"]:
             schemes_lib.scheme_config(base, scheme, depth)
+    if command == "depth-sweep" and base.dtype != "float32":
+        raise ConfigError(f"model.dtype={base.dtype!r} is not used by depth-sweep; set the "
+                          "precisions with --config.analysis.dtypes=float32,float16")
     _check_optimizer(command, values, config.optimizer)
     return values, base
 
@@ -146,7 +152,7 @@ def _check_optimizer(command: str, values: dict, opt_config) -> None:
 
     from deepnorm.training.optim import make_optimizer
 
-    if command == "stability-map":  # every cell sets its own rate and warmup
+    if command in ("stability-map", "depth-sweep"):  # every cell sets its own rate and warmup
         for warmup in values["warmups"]:
             make_optimizer(config_dict.ConfigDict(dict(
                 opt_config.to_dict(), learning_rate=1.0, warmup_steps=warmup)), values["steps"])

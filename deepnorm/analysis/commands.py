@@ -60,6 +60,13 @@ def run(command: str, s: dict, base, config, out: pathlib.Path) -> list[dict]:
                                   workers=s["workers"])
         plotting.plot_stability_map(cells, out / "stability-map.png")
         return cells
+    if command == "depth-sweep":
+        from deepnorm.analysis import depth_sweep
+
+        cells = depth_sweep.run(base, s, out=out, opt_config=config.optimizer,
+                                data_config=data_config)
+        plotting.plot_depth_sweep(cells, out / "depth-sweep.png")
+        return depth_sweep.summary(cells)
     if command == "signal-prop":
         from deepnorm.analysis import signal_prop
 

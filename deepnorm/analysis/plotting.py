@@ -328,3 +328,37 @@ def plot_gns(records, path=None):
         axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_two_five))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_depth_sweep(cells, path=None):
+    """Best final validation loss over the learning rates against depth, one line per scheme,
+    one panel per precision; × where every lane of the row diverged (at the row's best loss
+    level is meaningless, so it sits at the top of the panel)."""
+    from deepnorm.analysis.depth_sweep import summary
+
+    records = summary(cells)
+    dtypes = [d for d in ("float32", "float16") if any(r["dtype"] == d for r in records)]
+    schemes = _ordered(r["residual"] for r in records)
+    losses = [r["best_loss"] for r in records if r["best_loss"] is not None]
+    top = max(losses) + 0.2 if losses else 1.0
+    fig, axes = plt.subplots(1, len(dtypes), squeeze=False, sharey=True,
+                             figsize=(5.2 * len(dtypes) + 1.8, 4.0))
+    for ax, dtype in zip(axes[0], dtypes):
+        for scheme in schemes:
+            rows = sorted((r for r in records if r["residual"] == scheme
+                           and r["dtype"] == dtype), key=lambda r: r["num_layers"])
+            if not rows:
+                continue
+            depths = [r["num_layers"] for r in rows]
+            ys = [r["best_loss"] if r["best_loss"] is not None else np.nan for r in rows]
+            ax.plot(depths, ys, "o-", color=color(scheme), label=label(scheme), ms=4)
+            for r in rows:
+                if r["best_loss"] is None:
+                    ax.plot(r["num_layers"], top, "x", color=color(scheme), ms=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("decoder layers")
+        ax.set_title(f"{dtype}" + (" (dynamic loss scaling)" if dtype == "float16" else ""))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final validation loss (best lr; × = all diverged)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)

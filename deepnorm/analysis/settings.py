@@ -18,6 +18,8 @@ FIELDS = {
                      "steps"),
     "stability-map": ("out", "residuals", "depths", "lrs", "warmups", "steps", "seeds",
                       "batch_size", "seq_len", "max_loss", "workers"),
+    "depth-sweep": ("out", "residuals", "depths", "dtypes", "float16_max_depth", "lrs",
+                    "warmups", "steps", "seeds", "batch_size", "seq_len", "max_loss", "workers"),
     "signal-prop": ("out", "residuals", "depths", "seeds", "batch_size", "seq_len"),
     "gns": ("out", "residuals", "depths", "seeds", "batches", "batch_size", "seq_len",
             "train_batches", "steps", "checkpoints"),
@@ -26,6 +28,8 @@ FIELDS = {
 PARAM_GROUPS = ("ffn_in", "ffn_out") + tuple(
     f"{attn}.{role}" for attn in ("self_attn", "cross_attn")
     for role in ("query", "key", "value", "out"))
+# depth-sweep's precisions: float32, and float16 matmuls with dynamic loss scaling.
+DTYPES = ("float32", "float16")
 POSITIVE = ("seeds", "batches", "batch_size", "seq_len", "steps", "workers", "train_batches")
 
 
@@ -89,7 +93,15 @@ def parse(command: str, analysis) -> dict:
                                   f"{', '.join(PARAM_GROUPS)}")
     if command == "gns":
         _check_gns(values)
-    if command == "stability-map":
+    if command == "depth-sweep":
+        values["dtypes"] = _items("dtypes", values["dtypes"])
+        for name in values["dtypes"]:
+            if name not in DTYPES:
+                raise ConfigError(f"analysis.dtypes: {name!r} is not one of {', '.join(DTYPES)}")
+        if values["float16_max_depth"] < 0:
+            raise ConfigError(f"analysis.float16_max_depth={values['float16_max_depth']} must "
+                              "be 0 (no cap) or a positive depth")
+    if command in ("stability-map", "depth-sweep"):
         values["lrs"] = _positive_floats("lrs", values["lrs"])
         values["warmups"] = _int_list("warmups", values["warmups"], minimum=0)
         if not values["max_loss"] > 0:
