@@ -1,6 +1,9 @@
 """deepnorm.analysis.stability_map: a vmapped learning-rate lane is exactly the training
 package's own optimizer at that rate; finished cells are never rerun; the records' schema."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +81,18 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"holds cells of another setup \(differs in "
                                           r"num_steps\); give a new output directory"):
         stability_map.run(BASE, out=tmp_path, lrs=[1e-3], **dict(grid, num_steps=4))
+    assert calls == [[3e-3]]
+    # A model field added to TransformerConfig after the cells were written, at its default,
+    # changes nothing they measured: the directory is still this setup's. Off its default it is
+    # another setup.
+    setup_path = tmp_path / "cells" / "setup.json"
+    setup = json.loads(setup_path.read_text())
+    del setup["base_model"]["norm_eps"]
+    setup_path.write_text(json.dumps(setup))
+    assert stability_map.run(BASE, out=tmp_path, lrs=[1e-3, 1e-2], **grid) == first
+    with pytest.raises(ConfigError, match=r"differs in base_model"):
+        stability_map.run(dataclasses.replace(BASE, norm_eps=1e-3), out=tmp_path,
+                          lrs=[1e-3], **grid)
     assert calls == [[3e-3]]
 
 

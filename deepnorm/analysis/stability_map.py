@@ -215,6 +215,19 @@ def read_cell(cells_dir: pathlib.Path, key: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _with_new_model_fields(old: dict) -> dict:
+    """``old`` setup with the model fields added to ``TransformerConfig`` since it was written
+    at their defaults: a field the cells' code did not have cannot have changed them."""
+    from deepnorm import TransformerConfig
+
+    if "base_model" not in old:
+        return old
+    defaults = json.loads(json.dumps(
+        {f.name: f.default for f in dataclasses.fields(TransformerConfig)
+         if f.default is not dataclasses.MISSING}, default=str))
+    return dict(old, base_model={**defaults, **old["base_model"]})
+
+
 def _check_setup(cells_dir: pathlib.Path, setup: dict) -> None:
     """Cell files are named by scheme, depth, warmup, rate and seed only; everything else they
     depend on is ``setup``, written once to ``cells/setup.json``. A rerun with another setup
@@ -224,7 +237,7 @@ def _check_setup(cells_dir: pathlib.Path, setup: dict) -> None:
     setup = json.loads(json.dumps(setup, default=str))  # the form it takes on disk
     path = cells_dir / "setup.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = _with_new_model_fields(json.loads(path.read_text()))
         if old != setup:
             diff = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k))
             raise ConfigError(f"{cells_dir} holds cells of another setup (differs in "
