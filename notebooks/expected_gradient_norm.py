@@ -210,6 +210,9 @@ for scheme in ["post", "pre"] + OTHERS:
 #   the mixing starts as the identity.
 # * **DLCL** falls the most after LN-Scaling (0.42): the top layers' inputs are averages over
 #   every earlier output with weights $1/(l+1)$, so each top branch gets a small share.
+# * **nGPT** is perfectly flat (1.01) and 45-75x smaller than Pre-LN's: every layer's input
+#   is a unit vector, each branch's output is normalized again, and its step size
+#   $\alpha = 0.05$ scales every layer's gradient alike.
 #
 # On a 6-6 model at d=64 differences of less than about 1.5x are within the seed-to-seed
 # spread (the bands in the first figure); the notebook does not claim more than that.
